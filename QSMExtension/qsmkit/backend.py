@@ -1,0 +1,118 @@
+"""One code path for CPU (numpy + scipy.fft on all cores) and GPU (cupy + cuFFT).
+
+Stage functions never import numpy or cupy directly for array work: they call
+``xp = get_array_module(x)`` and use ``xp`` plus the FFT helpers below, so the
+same lines run on either device. Data move to the device once, at the start
+of a pipeline, and back once, when results are written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import scipy.fft
+
+try:  # cupy is optional (extra "gpu"); absent or without a visible GPU means CPU only
+    import cupy as _cupy
+except Exception:  # pragma: no cover - depends on the machine
+    _cupy = None
+
+#: default working precision (the accuracy cost is checked against float64 in the tests)
+FLOAT = np.float32
+COMPLEX = np.complex64
+
+
+def gpu_available() -> bool:
+    """True when cupy imports and sees at least one CUDA device."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map ``cpu|gpu|auto`` to ``cpu`` or ``gpu``; asking for a missing GPU is an error."""
+    from .errors import QSMInputError
+
+    device = (device or "auto").lower()
+    if device not in ("cpu", "gpu", "auto"):
+        raise QSMInputError(f"unknown device {device!r}; choose cpu, gpu or auto")
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device == "gpu" and not gpu_available():
+        raise QSMInputError(
+            "--device gpu needs cupy and a CUDA GPU; install with `pip install qsmkit[gpu]` "
+            "or use --device cpu"
+        )
+    return device
+
+
+def get_xp(device: str):
+    """The array module for a resolved device name."""
+    return _cupy if device == "gpu" else np
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever holds the arrays (numpy for plain Python/numpy input)."""
+    if _cupy is not None:
+        return _cupy.get_array_module(*arrays)
+    return np
+
+
+def to_device(array, device: str, dtype=None):
+    """Copy an array to ``device`` (``cpu`` or ``gpu``), optionally casting."""
+    xp = get_xp(device)
+    out = xp.asarray(array)
+    if dtype is not None:
+        out = out.astype(dtype, copy=False)
+    return out
+
+
+def to_numpy(array) -> np.ndarray:
+    """Bring an array back to host memory as numpy."""
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return _cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+def device_name(device: str) -> str:
+    """Human-readable description of a resolved device for sidecars."""
+    if device == "gpu":
+        props = _cupy.cuda.runtime.getDeviceProperties(_cupy.cuda.Device().id)
+        name = props["name"]
+        return f"gpu:{name.decode() if isinstance(name, bytes) else name}"
+    return f"cpu:{os.cpu_count()} cores"
+
+
+def _fft_module(x):
+    xp = get_array_module(x)
+    return (xp.fft, {}) if xp is not np else (scipy.fft, {"workers": -1})
+
+
+def fftn(x, s=None, axes=None):
+    """n-D FFT on numpy (scipy.fft, all cores) or cupy (cuFFT). Keeps complex64 for float32 input."""
+    mod, kw = _fft_module(x)
+    return mod.fftn(x, s=s, axes=axes, **kw)
+
+
+def ifftn(x, s=None, axes=None):
+    mod, kw = _fft_module(x)
+    return mod.ifftn(x, s=s, axes=axes, **kw)
+
+
+def rfftn(x, s=None, axes=None):
+    mod, kw = _fft_module(x)
+    return mod.rfftn(x, s=s, axes=axes, **kw)
+
+
+def irfftn(x, s=None, axes=None):
+    mod, kw = _fft_module(x)
+    return mod.irfftn(x, s=s, axes=axes, **kw)
+
+
+def next_fast_len(n: int) -> int:
+    """Smallest length >= n whose FFT is fast (products of 2, 3, 5)."""
+    return scipy.fft.next_fast_len(int(n), real=True)

@@ -1,0 +1,518 @@
+"""The ``qsmkit`` command line: the whole pipeline, one command per stage, simulation and a demo.
+
+Every command validates all inputs before writing anything, writes outputs
+atomically (temporary name, then rename) with a JSON sidecar, shows a progress
+bar on long work, and on bad input prints one line ``qsmkit: error: ...`` and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import __version__, backend, geometry, io, units
+from .background import BACKGROUND
+from .errors import QSMInputError
+from .inversion import INVERSION
+from .masking import MASKING
+from .pipeline import PipelineConfig, run_pipeline, sidecar
+from .unwrapping import UNWRAPPING
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (the command line contract)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def parse_params(items):
+    """``["lam=0.1", "radii_mm=12,10,8"]`` -> {"lam": 0.1, "radii_mm": [12.0, 10.0, 8.0]}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise QSMInputError(f"--param expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _parse_value(text):
+    if "," in text:
+        return [_parse_value(t) for t in text.split(",") if t]
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+class Progress:
+    """A tqdm bar over pipeline stages (stderr); silent with --quiet."""
+
+    def __init__(self, total, quiet=False, desc="qsmkit"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="stage", disable=quiet, file=sys.stderr,
+                        leave=False)
+
+    def __call__(self, stage, done, total):
+        self.bar.set_postfix_str(stage)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        self.bar.close()
+
+
+def check_outputs(outputs, inputs):
+    """Refuse to write over an input file."""
+    ins = {os.path.realpath(p) for p in inputs if p}
+    for out in outputs:
+        if os.path.realpath(out) in ins:
+            raise QSMInputError(f"{out}: output would overwrite an input file")
+
+
+def strip_nifti_ext(path):
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return os.path.splitext(path)[0]
+
+
+def b0_dir_for(volume, b0_world):
+    return volume.b0_dir(b0_world) if b0_world else volume.b0_dir()
+
+
+def load_field(path, units_name, b0, te):
+    vol = io.load_volume(path, what="field")
+    io.require_finite(vol.data, path, "field")
+    if vol.data.ndim != 3:
+        raise QSMInputError(f"{path}: field must be 3-D, got shape {vol.data.shape}")
+    try:
+        data = units.to_ppm(vol.data.astype(np.float32), units_name, b0, te[0] if te else None)
+    except QSMInputError as err:
+        raise QSMInputError(str(err), path) from None
+    return vol, np.asarray(data, dtype=np.float32)
+
+
+def load_mask(path, like: io.Volume, what="mask"):
+    vol = io.load_volume(path, what=what)
+    io.check_same_grid(like, vol, "image", what)
+    if vol.data.ndim != 3:
+        raise QSMInputError(f"{path}: {what} must be 3-D, got shape {vol.data.shape}")
+    mask = np.asarray(vol.data) > 0
+    if not mask.any():
+        raise QSMInputError(f"{path}: {what} is empty")
+    return mask
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_simulate(args):
+    from .simulate import make_phantom, simulate_acquisition
+
+    units.check_positive("--b0", args.b0)
+    units.check_positive("--te", args.te)
+    b0_dir = np.asarray(args.b0_dir if args.b0_dir else (0.0, 0.0, 1.0), dtype=float)
+    t0 = time.perf_counter()
+    ph = make_phantom(shape=tuple(args.shape), voxel_size=tuple(args.voxel_size),
+                      b0_dir=tuple(b0_dir / np.linalg.norm(b0_dir)), seed=args.seed)
+    acq = simulate_acquisition(ph, te=tuple(args.te), b0=args.b0, snr=args.snr,
+                               n_coils=args.coils, body_coil=args.body_coil,
+                               phase_offset=args.phase_offset, seed=args.seed)
+    params = {k: v for k, v in vars(args).items() if k != "func"}
+    files = write_simulation(args.out, ph, acq, params)
+    if not args.quiet:
+        print(f"simulated {ph.chi.shape} phantom in {time.perf_counter() - t0:.1f} s; "
+              f"wrote {len(files)} files to {args.out}")
+
+
+def write_simulation(out, ph, acq, params):
+    """Write a simulated data set (truth and acquisition) as NIfTI with one sidecar each."""
+    affine = geometry.affine_for_b0(ph.voxel_size, ph.b0_dir, ph.chi.shape)
+    meta = sidecar(extra={"simulation": params, "te": list(acq.te), "b0": acq.b0,
+                          "b0_dir_voxel": list(map(float, ph.b0_dir)),
+                          "labels": {int(k): v for k, v in ph.label_names.items()}})
+    squeeze = (lambda a: a[..., 0]) if len(acq.te) == 1 else (lambda a: a)
+    volumes = {
+        "chi_true": (ph.chi_brain, np.float32), "chi_sources": (ph.chi, np.float32),
+        "mask_true": (ph.mask, np.uint8), "labels": (ph.labels, np.uint8),
+        "vessel_mask": (ph.vessel_mask, np.uint8),
+        "field_total_true": (ph.field_total, np.float32),
+        "field_local_true": (ph.field_local, np.float32),
+        "field_background_true": (ph.field_background, np.float32),
+        "magnitude": (squeeze(acq.magnitude), np.float32),
+        "phase": (squeeze(acq.phase), np.float32),
+    }
+    if acq.coil_magnitude is not None:
+        volumes["coils_magnitude"] = (acq.coil_magnitude, np.float32)
+        volumes["coils_phase"] = (acq.coil_phase, np.float32)
+    if acq.body_magnitude is not None:
+        volumes["body_coil_magnitude"] = (squeeze(acq.body_magnitude), np.float32)
+        volumes["body_coil_phase"] = (squeeze(acq.body_phase), np.float32)
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for name, (data, dtype) in volumes.items():
+        written.append(io.save_volume(os.path.join(out, f"{name}.nii.gz"), data, affine,
+                                      sidecar=meta, dtype=dtype))
+    with open(os.path.join(out, "labels.tsv"), "w") as fh:
+        fh.write("index\tname\n")
+        for k, v in sorted(ph.label_names.items()):
+            fh.write(f"{k}\t{v}\n")
+    return written
+
+
+def _read_inputs(args):
+    """Magnitude and phase (one 4-D file or one file per echo), checked, with TE and B0."""
+    mag = io.load_echoes(args.magnitude, what="magnitude")
+    pha = io.load_echoes(args.phase, what="phase")
+    io.check_same_grid(mag, pha, "magnitude", "phase")
+    if mag.data.shape != pha.data.shape:
+        raise QSMInputError(f"{args.magnitude[0]}: magnitude shape {mag.data.shape} does not match "
+                            f"phase shape {pha.data.shape} ({args.phase[0]})")
+    io.require_finite(mag.data, args.magnitude[0], "magnitude")
+    io.require_finite(pha.data, args.phase[0], "phase")
+    n_echoes = 1 if pha.data.ndim == 3 else pha.data.shape[3]
+    te = args.te or pha.meta.get("EchoTime")
+    if te is None:
+        raise QSMInputError(f"{args.phase[0]}: missing echo time; give --te SECONDS (one per echo)")
+    te = list(np.atleast_1d(te).astype(float))
+    if len(te) != n_echoes:
+        raise QSMInputError(f"{args.phase[0]}: {n_echoes} echo(es) but {len(te)} echo time(s) given")
+    units.check_positive("--te", te)
+    b0 = args.b0 or pha.meta.get("MagneticFieldStrength")
+    if b0 is None:
+        raise QSMInputError(f"{args.phase[0]}: missing field strength; give --b0 TESLA")
+    units.check_positive("--b0", b0)
+    return mag, pha, te, float(b0)
+
+
+def _config(args):
+    return PipelineConfig(
+        masking=args.masking, unwrapping=args.unwrapping, background=args.background,
+        inversion=args.inversion, device=args.device,
+        masking_params=parse_params(args.masking_param),
+        unwrapping_params=parse_params(args.unwrapping_param),
+        background_params=parse_params(args.background_param),
+        inversion_params=parse_params(args.inversion_param))
+
+
+def cmd_run(args):
+    mag, pha, te, b0 = _read_inputs(args)
+    mask = load_mask(args.mask, pha) if args.mask else None
+    cfg = _config(args).resolved()
+    names = ("mask", "field_total", "field_local", "local_mask", "chi")
+    outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
+    check_outputs(outs.values(), [*args.magnitude, *args.phase, args.mask])
+    b0_dir = b0_dir_for(pha, args.b0_dir)
+    progress = Progress(4, args.quiet, "qsmkit run")
+    try:
+        res = run_pipeline(mag.data, units.rescale_phase(pha.data), te, b0, pha.voxel_size, b0_dir,
+                           mask=mask, config=cfg, progress=progress)
+    finally:
+        progress.close()
+    meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
+                                            "mask": args.mask, "te": te, "b0": b0,
+                                            "b0_dir_voxel": list(map(float, b0_dir))},
+                   extra={"units": {"chi": "ppm", "field": "ppm"}})
+    for n, path in outs.items():
+        data = getattr(res, n)
+        io.save_volume(path, data, pha.affine, sidecar=meta,
+                       dtype=np.uint8 if data.dtype == bool else np.float32)
+    if not args.quiet:
+        print_stage_times(res.stages)
+        print(f"wrote {args.out}/chi.nii.gz (ppm)")
+
+
+def print_stage_times(stages):
+    print(f"{'stage':<12}{'method':<12}{'seconds':>9}{'peak MB':>10}")
+    for s in stages:
+        print(f"{s['stage']:<12}{s['method']:<12}{s['seconds']:>9.2f}{s['peak_memory_mb']:>10.0f}")
+
+
+def cmd_mask(args):
+    vol = io.load_echoes(args.magnitude, what="magnitude")
+    io.require_finite(vol.data, args.magnitude[0], "magnitude")
+    check_outputs([args.out], args.magnitude)
+    method = MASKING.resolve(args.method)
+    params = parse_params(args.param)
+    if args.erode:
+        params["erode"] = args.erode
+    from .echoes import combine_magnitude
+
+    mask = MASKING.get(method).func(combine_magnitude(vol.data), vol.voxel_size, **params)
+    io.save_volume(args.out, mask, vol.affine, dtype=np.uint8,
+                   sidecar=sidecar(extra={"stage": "mask", "method": method, "parameters": params,
+                                          "inputs": {"magnitude": args.magnitude}}))
+
+
+def cmd_unwrap(args):
+    pha = io.load_echoes(args.phase, what="phase")
+    io.require_finite(pha.data, args.phase[0], "phase")
+    inputs = [*args.phase, args.magnitude, args.mask]
+    mask = load_mask(args.mask, pha) if args.mask else None
+    if args.magnitude:
+        mag = io.load_echoes([args.magnitude], what="magnitude")
+        io.check_same_grid(pha, mag, "phase", "magnitude")
+    check_outputs([args.out], inputs)
+    method = UNWRAPPING.resolve(args.method)
+    params = parse_params(args.param)
+    phase = units.rescale_phase(pha.data)
+    echoes = phase[..., None] if phase.ndim == 3 else phase
+    from tqdm import tqdm
+
+    out = np.stack([UNWRAPPING.get(method).func(echoes[..., e], mask=mask,
+                                                 voxel_size=pha.voxel_size, **params)
+                    for e in tqdm(range(echoes.shape[3]), desc="unwrap", unit="echo",
+                                  disable=args.quiet, leave=False)], axis=3)
+    out = out[..., 0] if phase.ndim == 3 else out
+    io.save_volume(args.out, out, pha.affine,
+                   sidecar=sidecar(extra={"stage": "unwrap", "method": method, "units": "rad",
+                                          "parameters": params, "inputs": {"phase": args.phase}}))
+
+
+def cmd_background(args):
+    vol, field = load_field(args.field, args.field_units, args.b0, args.te)
+    mask = load_mask(args.mask, vol)
+    out_mask = args.out_mask or strip_nifti_ext(args.out) + "_mask.nii.gz"
+    check_outputs([args.out, out_mask], [args.field, args.mask])
+    device = backend.resolve_device(args.device)
+    method = BACKGROUND.resolve(args.method)
+    params = parse_params(args.param)
+    f = backend.to_device(field, device, backend.FLOAT)
+    m = backend.to_device(mask, device)
+    t0 = time.perf_counter()
+    local, new_mask, info = BACKGROUND.get(method).func(f, m, vol.voxel_size, **params)
+    meta = sidecar(extra={"stage": "background", "method": method, "parameters": params,
+                          "info": info, "device": backend.device_name(device),
+                          "seconds": round(time.perf_counter() - t0, 3), "units": "ppm",
+                          "inputs": {"field": args.field, "mask": args.mask,
+                                     "field_units": args.field_units}})
+    io.save_volume(args.out, backend.to_numpy(local), vol.affine, sidecar=meta)
+    io.save_volume(out_mask, backend.to_numpy(new_mask), vol.affine, dtype=np.uint8, sidecar=meta)
+
+
+def cmd_invert(args):
+    vol, field = load_field(args.field, args.field_units, args.b0, args.te)
+    mask = load_mask(args.mask, vol)
+    mag = None
+    if args.magnitude:
+        mvol = io.load_echoes([args.magnitude], what="magnitude")
+        io.check_same_grid(vol, mvol, "field", "magnitude")
+        io.require_finite(mvol.data, args.magnitude, "magnitude")
+        from .echoes import combine_magnitude
+
+        mag = combine_magnitude(mvol.data)
+    check_outputs([args.out], [args.field, args.mask, args.magnitude])
+    device = backend.resolve_device(args.device)
+    method = INVERSION.resolve(args.method)
+    params = parse_params(args.param)
+    b0_dir = b0_dir_for(vol, args.b0_dir)
+    t0 = time.perf_counter()
+    chi, info = INVERSION.get(method).func(
+        backend.to_device(field, device, backend.FLOAT), backend.to_device(mask, device),
+        vol.voxel_size, b0_dir,
+        magnitude=None if mag is None else backend.to_device(mag, device, backend.FLOAT), **params)
+    meta = sidecar(extra={"stage": "inversion", "method": method, "parameters": params,
+                          "info": info, "device": backend.device_name(device), "units": "ppm",
+                          "seconds": round(time.perf_counter() - t0, 3),
+                          "b0_dir_voxel": list(map(float, b0_dir)),
+                          "inputs": {"field": args.field, "mask": args.mask,
+                                     "magnitude": args.magnitude,
+                                     "field_units": args.field_units}})
+    io.save_volume(args.out, backend.to_numpy(chi), vol.affine, sidecar=meta)
+
+
+def cmd_stats(args):
+    from . import stats
+
+    chi = io.load_volume(args.chi, what="chi map")
+    labels = io.load_volume(args.labels, what="label map")
+    io.check_same_grid(chi, labels, "chi map", "label map")
+    check_outputs([args.out], [args.chi, args.labels])
+    names = stats.read_label_names(args.label_names) if args.label_names else {}
+    rows = stats.roi_table(chi.data, np.rint(labels.data).astype(int), chi.voxel_size, names,
+                           args.reference)
+    tmp = args.out + ".tmp"
+    try:
+        stats.write_table(rows, tmp, delimiter="\t" if args.out.endswith(".tsv") else ",")
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if not args.quiet:
+        for r in rows:
+            print(f"{r['label']:>4} {r['name']:<20} {r['voxels']:>8} {r['mean']:>9.4f} "
+                  f"{r['mean_ref']:>9.4f}")
+
+
+def cmd_demo(args):
+    from . import demo
+
+    demo.run_demo(args.out, shape=tuple(args.shape), voxel_size=tuple(args.voxel_size),
+                  seed=args.seed, snr=args.snr, te=tuple(args.te), b0=args.b0,
+                  config=_config(args), quiet=args.quiet)
+
+
+# ---------------------------------------------------------------- parser
+
+def _add_common(p):
+    p.add_argument("--device", default="auto", choices=["cpu", "gpu", "auto"],
+                   help="compute device (default: auto = GPU when cupy sees one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _add_b0_dir(p):
+    p.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="B0 direction in world (RAS) coordinates; default: scanner z from the "
+                        "image geometry")
+
+
+def _add_field_units(p):
+    p.add_argument("--field-units", default="ppm", choices=units.FIELD_UNITS,
+                   help="units of the field input (default ppm; hz needs --b0, rad --b0 and --te)")
+    p.add_argument("--b0", type=float, help="field strength (T), for hz/rad field units")
+    p.add_argument("--te", type=float, nargs="+", help="echo time (s), for rad field units")
+
+
+def _add_methods(p):
+    p.add_argument("--masking", default="auto", choices=MASKING.choices())
+    p.add_argument("--unwrapping", default="auto", choices=UNWRAPPING.choices())
+    p.add_argument("--background", default="auto", choices=BACKGROUND.choices())
+    p.add_argument("--inversion", default="auto", choices=INVERSION.choices())
+    for stage in ("masking", "unwrapping", "background", "inversion"):
+        p.add_argument(f"--{stage}-param", action="append", metavar="KEY=VALUE",
+                       help=f"parameter of the {stage} method (repeatable)")
+
+
+def build_parser():
+    parser = OneLineParser(prog="qsmkit", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"qsmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("demo", help="simulate the built-in phantom and run the whole pipeline on it")
+    p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+    p.add_argument("--shape", nargs=3, type=int, default=[256, 256, 64])
+    p.add_argument("--voxel-size", nargs=3, type=float, default=[0.9375, 0.9375, 2.5])
+    p.add_argument("--te", nargs="+", type=float, default=[0.020], help="echo times (s)")
+    p.add_argument("--b0", type=float, default=3.0, help="field strength (T)")
+    p.add_argument("--snr", type=float, default=100.0)
+    p.add_argument("--seed", type=int, default=0)
+    _add_methods(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="the whole pipeline: magnitude + phase -> chi")
+    p.add_argument("--magnitude", nargs="+", required=True, help="4-D file or one file per echo")
+    p.add_argument("--phase", nargs="+", required=True, help="4-D file or one file per echo (rad or "
+                   "vendor integer phase)")
+    p.add_argument("--te", nargs="+", type=float, help="echo times (s); default from a JSON sidecar")
+    p.add_argument("--b0", type=float, help="field strength (T); default from a JSON sidecar")
+    p.add_argument("--mask", help="brain mask (skips masking)")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_methods(p)
+    _add_b0_dir(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("simulate", help="write a phantom data set with ground truth")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--shape", nargs=3, type=int, default=[256, 256, 64])
+    p.add_argument("--voxel-size", nargs=3, type=float, default=[0.9375, 0.9375, 2.5])
+    p.add_argument("--te", nargs="+", type=float, default=[0.020], help="echo times (s)")
+    p.add_argument("--b0", type=float, default=3.0, help="field strength (T)")
+    p.add_argument("--snr", type=float, default=100.0)
+    p.add_argument("--coils", type=int, default=0, help="number of receive coils (0: combined)")
+    p.add_argument("--body-coil", action="store_true", help="also write a body-coil image")
+    p.add_argument("--no-phase-offset", dest="phase_offset", action="store_false",
+                   help="no receiver phase offset at TE = 0")
+    p.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="B0 direction in voxel axes (the written affine is rotated to match)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("mask", help="brain mask from magnitude")
+    p.add_argument("--magnitude", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="auto", choices=MASKING.choices())
+    p.add_argument("--erode", type=float, default=0.0, help="erode the mask by this many mm")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("unwrap", help="spatial phase unwrapping (rad in, rad out)")
+    p.add_argument("--phase", nargs="+", required=True)
+    p.add_argument("--magnitude")
+    p.add_argument("--mask")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="auto", choices=UNWRAPPING.choices())
+    p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_unwrap)
+
+    p = sub.add_parser("background", help="background field removal: total field -> local field")
+    p.add_argument("--field", required=True)
+    p.add_argument("--mask", required=True)
+    p.add_argument("--out", required=True, help="local field (ppm)")
+    p.add_argument("--out-mask", help="where the local field is valid (default OUT_mask.nii.gz)")
+    p.add_argument("--method", default="auto", choices=BACKGROUND.choices())
+    p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    _add_field_units(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_background)
+
+    p = sub.add_parser("invert", help="dipole inversion: local field -> chi (ppm)")
+    p.add_argument("--field", required=True)
+    p.add_argument("--mask", required=True)
+    p.add_argument("--magnitude")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="auto", choices=INVERSION.choices())
+    p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    _add_field_units(p)
+    _add_b0_dir(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("stats", help="chi statistics per label, referenced")
+    p.add_argument("--chi", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--label-names", help="table of 'index name' rows (TSV/CSV)")
+    p.add_argument("--reference", help="reference region: label index or name (e.g. csf)")
+    p.add_argument("--out", required=True, help="CSV (or .tsv)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except QSMInputError as err:
+        print(f"qsmkit: error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("qsmkit: error: out of memory (try a smaller volume or --device cpu)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qsmkit: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The one exception type users see: a bad input, reported on one line."""
+
+
+class QSMInputError(ValueError):
+    """Bad user input (file, shape, units, parameter). ``str(err)`` is one line naming the problem.
+
+    The command line prints ``qsmkit: error: <message>`` and exits with status 2.
+    """
+
+    def __init__(self, message, path=None):
+        message = " ".join(str(message).split())  # always one line
+        if path is not None:
+            message = f"{path}: {message}"
+        super().__init__(message)
+        self.path = path

@@ -1,0 +1,103 @@
+"""Voxel geometry: voxel size, direction matrix and the B0 direction in voxel axes.
+
+Affines follow nibabel: ``world = A @ [i, j, k, 1]`` with world in RAS+ mm.
+The main field B0 points along scanner z, which is world superior (0, 0, 1)
+for axial and oblique acquisitions alike. The dipole kernel needs B0 expressed
+in the voxel axes, i.e. ``R^-1 @ b_world`` where ``R`` is the direction matrix
+(the affine's 3x3 part with its columns normalised to unit length). A
+left-handed affine (flipped axis) simply gives a negative component; the kernel
+depends on (k.b)^2 only through the axes' physical frame, so flips are exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import QSMInputError
+
+WORLD_B0 = np.array([0.0, 0.0, 1.0])
+
+
+def voxel_size(affine) -> np.ndarray:
+    """Voxel size (mm) along each voxel axis: the column norms of the affine's 3x3 part."""
+    m = np.asarray(affine, dtype=float)[:3, :3]
+    return np.sqrt((m**2).sum(axis=0))
+
+
+def direction_matrix(affine) -> np.ndarray:
+    """Unit direction of each voxel axis in world coordinates (columns)."""
+    m = np.asarray(affine, dtype=float)[:3, :3]
+    return m / voxel_size(affine)
+
+
+def b0_direction(affine, b0_world=None) -> np.ndarray:
+    """B0 as a unit vector in voxel axes (one component per array axis).
+
+    Parameters
+    ----------
+    affine : (4, 4) array
+        Voxel-to-world (RAS+) affine of the image.
+    b0_world : sequence of 3 floats, optional
+        Field direction in world coordinates; default scanner z (0, 0, 1). This is
+        what ``--b0-dir`` overrides.
+    """
+    b = WORLD_B0 if b0_world is None else np.asarray(b0_world, dtype=float)
+    if b.shape != (3,) or not np.all(np.isfinite(b)) or np.linalg.norm(b) == 0:
+        raise QSMInputError(f"B0 direction must be 3 finite numbers, not all zero; got {b0_world}")
+    r = direction_matrix(affine)
+    if abs(np.linalg.det(r)) < 1e-6:
+        raise QSMInputError("affine is singular: cannot derive the B0 direction")
+    v = np.linalg.solve(r, b / np.linalg.norm(b))
+    return v / np.linalg.norm(v)
+
+
+def b0_angle_deg(b0_dir) -> float:
+    """Angle (degrees) between B0 and the third voxel axis, for reports."""
+    b = np.asarray(b0_dir, dtype=float)
+    return float(np.degrees(np.arccos(abs(b[2]) / np.linalg.norm(b))))
+
+
+def make_affine(voxel=(1.0, 1.0, 1.0), rotation=None, origin=None, flip=()) -> np.ndarray:
+    """Build an affine from a voxel size, an optional 3x3 rotation and flipped axes (for tests, simulation)."""
+    r = np.eye(3) if rotation is None else np.asarray(rotation, dtype=float)
+    s = np.array([-1.0 if ax in flip else 1.0 for ax in range(3)])
+    a = np.eye(4)
+    a[:3, :3] = r @ np.diag(np.asarray(voxel, dtype=float) * s)
+    if origin is not None:
+        a[:3, 3] = origin
+    return a
+
+
+def rotation_matrix(axis, angle_deg) -> np.ndarray:
+    """Rotation by ``angle_deg`` about a world axis 0, 1 or 2 (right-hand rule)."""
+    t = np.radians(angle_deg)
+    c, s = np.cos(t), np.sin(t)
+    i, j = [a for a in range(3) if a != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def same_grid(affine_a, shape_a, affine_b, shape_b, atol=1e-3) -> bool:
+    """True when two images share the voxel grid (shape of the first 3 axes and affine)."""
+    return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(affine_a, affine_b, atol=atol)
+
+
+def affine_for_b0(voxel=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), shape=None) -> np.ndarray:
+    """An affine whose B0 direction in voxel axes is ``b0_dir`` (a rotation taking b0_dir to world
+    z, Rodrigues' formula), centred on the field of view when ``shape`` is given. Used to write
+    simulated oblique acquisitions with consistent geometry."""
+    b = np.asarray(b0_dir, dtype=float)
+    b = b / np.linalg.norm(b)
+    z = WORLD_B0
+    v, c = np.cross(b, z), float(np.dot(b, z))
+    if np.linalg.norm(v) < 1e-12:
+        r = np.eye(3) if c > 0 else np.diag([1.0, -1.0, -1.0])
+    else:
+        vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+        r = np.eye(3) + vx + vx @ vx / (1 + c)
+    a = make_affine(voxel, rotation=r)
+    if shape is not None:
+        centre = (np.asarray(shape[:3], dtype=float) - 1) / 2
+        a[:3, 3] = -a[:3, :3] @ centre
+    return a

@@ -1,0 +1,86 @@
+"""Dipole inversion: susceptibility chi (ppm) from the tissue field (ppm).
+
+The forward model delta = F^-1 D F chi (``dipole``) cannot be divided out on the
+magic-angle cone where D(k) = 0. Methods here:
+
+``tkd``: truncated k-space division (Shmueli et al., MRM 2009): 1/D where
+|D| > t, else sign(D)/t.
+``l2``: closed-form gradient-regularised least squares (Bilgic et al., MRM 2014):
+chi = F^-1 [ D* F(delta) / (|D|^2 + lambda |E|^2) ], E_i the k-space symbol of the
+forward difference along axis i (in 1/mm, so lambda does not depend on voxel size).
+FOCUSS-QSM with magnitude prior, the method this project is built around, and
+the iterative baselines come with the inversion issue.
+
+Every method has the signature ``f(field, mask, voxel_size, b0_dir, magnitude=None, **params)``
+and returns ``(chi, info)`` with chi zero outside the mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from .backend import get_array_module
+from .dipole import apply_kernel, dipole_kernel, k_grids, padded_shape
+from .errors import QSMInputError
+from .registry import Registry
+
+INVERSION = Registry("inversion", default="l2")
+
+
+def default_pad(shape):
+    """Zero padding against wrap-around: a quarter of each axis (at least 8 voxels)."""
+    return [max(8, n // 4) for n in shape]
+
+
+def _prepare(field, mask):
+    xp = get_array_module(field)
+    f = xp.asarray(field, dtype=backend.FLOAT)
+    m = xp.asarray(mask).astype(bool) if mask is not None else xp.ones(f.shape, dtype=bool)
+    if not bool(m.any()):
+        raise QSMInputError("mask is empty")
+    return xp, f * m, m
+
+
+@INVERSION.register("tkd", "truncated k-space division (Shmueli 2009)")
+def tkd(field, mask, voxel_size, b0_dir, magnitude=None, threshold=0.19):
+    """Truncated k-space division. ``threshold`` t in (0, 2/3): |D| < t is replaced by sign(D) t."""
+    if not 0 < threshold < 2 / 3:
+        raise QSMInputError(f"TKD threshold must be in (0, 2/3), got {threshold}")
+    xp, f, m = _prepare(field, mask)
+
+    def inverse(shape):
+        d = dipole_kernel(shape, voxel_size, b0_dir, xp=xp, dtype=f.dtype)
+        d_t = xp.where(xp.abs(d) < threshold, xp.where(d < 0, -threshold, threshold), d)
+        return (1 / d_t).astype(f.dtype)
+
+    chi = apply_kernel(f, inverse, padded_shape(f.shape, default_pad(f.shape))) * m
+    return chi, {"threshold": threshold}
+
+
+def gradient_symbol_sq(shape, voxel_size, xp=np, dtype=np.float32):
+    """sum_i |E_i(k)|^2 with E_i = (1 - exp(-2 pi i k_i d_i)) / d_i, the forward difference (1/mm^2)."""
+    total = None
+    unit = [1.0] * len(shape)
+    for g, d in zip(k_grids(shape, unit, xp=xp, real=True, dtype=dtype), voxel_size):
+        term = (2 - 2 * xp.cos(2 * np.pi * g)) / dtype(d * d)
+        total = term if total is None else total + term
+    return total
+
+
+@INVERSION.register("l2", "closed-form gradient-regularised L2 (Bilgic 2014)")
+def l2(field, mask, voxel_size, b0_dir, magnitude=None, lam=0.05):
+    """Closed-form L2 inversion with gradient regularisation weight ``lam`` (mm^2)."""
+    if not lam > 0:
+        raise QSMInputError(f"L2 regularisation lambda must be positive, got {lam}")
+    xp, f, m = _prepare(field, mask)
+
+    def inverse(shape):
+        d = dipole_kernel(shape, voxel_size, b0_dir, xp=xp, dtype=f.dtype)
+        e2 = gradient_symbol_sq(shape, voxel_size, xp=xp, dtype=np.dtype(f.dtype).type)
+        den = d * d + f.dtype.type(lam) * e2
+        den[(0,) * den.ndim] = 1  # k = 0: D = 0 and E = 0; the mean of chi is not determined
+        return (d / den).astype(f.dtype)
+
+    chi = apply_kernel(f, inverse, padded_shape(f.shape, default_pad(f.shape))) * m
+    return chi, {"lambda": lam}
