@@ -105,3 +105,16 @@ def test_wrap_phase():
 def test_rescale_rejects_all_nan():
     with pytest.raises(QSMInputError):
         units.rescale_phase(np.full((2, 2, 2), np.nan))
+
+
+def test_rescale_phase_uses_nominal_range_not_data_range():
+    """A Siemens image whose codes span only -4000..4000 still scales by 4096 (the nominal
+    range), GE milliradians (full range) by 1000, and float 0..2 pi radians are only wrapped."""
+    from qsmkit.units import rescale_phase
+
+    np.testing.assert_allclose(rescale_phase(np.array([-4000, 0, 4000], np.int16)),
+                               np.array([-4000, 0, 4000]) / 4096 * np.pi, rtol=1e-6)
+    ge = np.array([-3141, -3000, 0, 1500, 3141], np.int16)  # wrapped phase spans the full range
+    np.testing.assert_allclose(rescale_phase(ge), ge / 1000.0, rtol=1e-6)
+    np.testing.assert_allclose(rescale_phase(np.array([0.0, 1.0, 6.0])),
+                               [0.0, 1.0, 6.0 - 2 * np.pi], atol=1e-6)

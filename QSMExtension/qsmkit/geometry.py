@@ -44,8 +44,11 @@ def b0_direction(affine, b0_world=None) -> np.ndarray:
     b = WORLD_B0 if b0_world is None else np.asarray(b0_world, dtype=float)
     if b.shape != (3,) or not np.all(np.isfinite(b)) or np.linalg.norm(b) == 0:
         raise QSMInputError(f"B0 direction must be 3 finite numbers, not all zero; got {b0_world}")
+    vox = voxel_size(affine)
+    if not np.all(np.isfinite(vox)) or np.any(vox <= 0):
+        raise QSMInputError(f"affine has a zero or invalid voxel size {vox}: cannot derive the B0 direction")
     r = direction_matrix(affine)
-    if abs(np.linalg.det(r)) < 1e-6:
+    if not abs(np.linalg.det(r)) >= 1e-6:
         raise QSMInputError("affine is singular: cannot derive the B0 direction")
     v = np.linalg.solve(r, b / np.linalg.norm(b))
     return v / np.linalg.norm(v)
@@ -72,7 +75,7 @@ def rotation_matrix(axis, angle_deg) -> np.ndarray:
     """Rotation by ``angle_deg`` about a world axis 0, 1 or 2 (right-hand rule)."""
     t = np.radians(angle_deg)
     c, s = np.cos(t), np.sin(t)
-    i, j = [a for a in range(3) if a != axis]
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]  # cyclic order keeps the right-hand rule for every axis
     r = np.eye(3)
     r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
     return r

@@ -67,29 +67,42 @@ def wrap_phase(phase):
     return (phase + np.pi) % (2 * np.pi) - np.pi
 
 
-def rescale_phase(phase):
-    """Bring vendor phase to radians in [-pi, pi).
+def nominal_half_range(max_abs: float) -> float:
+    """The vendor's full-scale value for integer phase whose largest magnitude is ``max_abs``:
+    a power of two (Siemens 4096, 12-bit 2048, ...) when within 5% below it, 1000 pi for GE's
+    milliradians, else the data's own maximum (the best guess for unknown scalings)."""
+    if abs(max_abs - 1000 * np.pi) <= 2:
+        return 1000 * np.pi
+    power = 2.0 ** np.ceil(np.log2(max(max_abs, 1.0)))
+    return power if max_abs >= 0.95 * power else max_abs
 
-    Floating data already within [-pi, pi] (a small tolerance) are kept (wrapped).
-    Anything else (integer DICOM phase such as Siemens -4096..4095, or 0..4095,
-    GE/Philips scaled integers) is mapped linearly from its range onto one
-    2 pi cycle: (x - min) / (max - min + step) * 2 pi - pi, where step is the
-    quantisation step (1 for integers) so that the top code does not alias onto
-    -pi. This follows the usual dcm2niix/ROMEO convention.
+
+def rescale_phase(phase):
+    """Bring vendor phase to radians in [-pi, pi) (float32).
+
+    - floating data within [-pi, pi] (a small tolerance) are radians: wrapped only;
+    - floating data within [0, 2 pi]: radians with a 0..2 pi convention: wrapped;
+    - integer-valued data (DICOM phase such as Siemens -4096..4094 or 0..4095, GE
+      milliradians): x / H * pi for signed data and x / H * pi - pi for unsigned data
+      (0..2H), where H is the nominal half range (``nominal_half_range``), so the scaling
+      does not depend on which codes happen to occur in this image;
+    - anything else: the data's range is mapped linearly onto one 2 pi cycle.
     """
     p = np.asarray(phase)
     finite = p[np.isfinite(p)] if np.issubdtype(p.dtype, np.floating) else p.ravel()
     if finite.size == 0:
         raise QSMInputError("phase image has no finite values")
     lo, hi = float(finite.min()), float(finite.max())
-    if np.issubdtype(p.dtype, np.floating) and lo >= -np.pi - 1e-3 and hi <= np.pi + 1e-3:
+    is_float = np.issubdtype(p.dtype, np.floating)
+    if is_float and lo >= -np.pi - 1e-3 and hi <= np.pi + 1e-3:
         return wrap_phase(p.astype(np.float32)).astype(np.float32)
-    is_integer_valued = np.issubdtype(p.dtype, np.integer) or np.all(np.mod(finite, 1) == 0)
-    step = 1.0 if is_integer_valued else 0.0
-    # Symmetric signed ranges like -4096..4095 map exactly to [-pi, pi).
-    if lo < 0 and is_integer_valued:
-        half = max(-lo, hi + step)
-        out = p.astype(np.float64) / half * np.pi
+    if is_float and lo >= 0 and hi <= 2 * np.pi + 1e-3:
+        return wrap_phase(p.astype(np.float32)).astype(np.float32)
+    integer_valued = not is_float or bool(np.all(np.mod(finite, 1) == 0))
+    if integer_valued and lo < 0:
+        out = p.astype(np.float64) / nominal_half_range(max(-lo, hi + 1)) * np.pi
+    elif integer_valued:
+        out = p.astype(np.float64) / nominal_half_range((hi + 1) / 2) * np.pi - np.pi
     else:
-        out = (p.astype(np.float64) - lo) / (hi - lo + step) * 2 * np.pi - np.pi
+        out = (p.astype(np.float64) - lo) / (hi - lo) * 2 * np.pi - np.pi
     return wrap_phase(out).astype(np.float32)
