@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from qsmkit import geometry, io, units
 from qsmkit.errors import QSMInputError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from qsmkit import units
 from qsmkit.errors import QSMInputError
 

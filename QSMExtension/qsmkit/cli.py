@@ -185,14 +185,14 @@ def _read_inputs(args):
     io.require_finite(mag.data, args.magnitude[0], "magnitude")
     io.require_finite(pha.data, args.phase[0], "phase")
     n_echoes = 1 if pha.data.ndim == 3 else pha.data.shape[3]
-    te = args.te or pha.meta.get("EchoTime")
+    te = args.te if args.te is not None else pha.meta.get("EchoTime")
     if te is None:
         raise QSMInputError(f"{args.phase[0]}: missing echo time; give --te SECONDS (one per echo)")
     te = list(np.atleast_1d(te).astype(float))
     if len(te) != n_echoes:
         raise QSMInputError(f"{args.phase[0]}: {n_echoes} echo(es) but {len(te)} echo time(s) given")
     units.check_positive("--te", te)
-    b0 = args.b0 or pha.meta.get("MagneticFieldStrength")
+    b0 = args.b0 if args.b0 is not None else pha.meta.get("MagneticFieldStrength")
     if b0 is None:
         raise QSMInputError(f"{args.phase[0]}: missing field strength; give --b0 TESLA")
     units.check_positive("--b0", b0)

@@ -4,7 +4,6 @@ against the truth, and write NIfTI outputs, a metrics table and a PNG overview."
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 
@@ -100,9 +99,9 @@ def format_table(rows) -> str:
 def run_demo(out, shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), seed=0, snr=100.0,
              te=(0.020,), b0=3.0, config: PipelineConfig | None = None, quiet=False):
     """Simulate, reconstruct, measure; returns the metric rows."""
+    from . import io
     from .cli import Progress, write_simulation
     from .simulate import make_phantom, simulate_acquisition
-    from . import io
 
     t_start = time.perf_counter()
     cfg = (config or PipelineConfig()).resolved()

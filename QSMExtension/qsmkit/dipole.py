@@ -35,37 +35,40 @@ def padded_shape(shape, pad=None):
     return tuple(backend.next_fast_len(n + 2 * q) for n, q in zip(shape, p))
 
 
-def k_grids(shape, voxel_size, xp=np, real=True, dtype=np.float32):
+def k_frequencies(n, d, half=False, nyquist_zero=False):
+    """1-D FFT frequencies (cycles/mm) of an axis of ``n`` samples ``d`` mm apart; the half
+    spectrum of a real FFT if ``half``. With ``nyquist_zero`` the Nyquist sample of an even
+    axis (index n/2) is set to 0."""
+    k = np.fft.rfftfreq(n, d=d) if half else np.fft.fftfreq(n, d=d)
+    if nyquist_zero and n % 2 == 0:
+        k = k.copy()
+        k[n // 2] = 0
+    return k
+
+
+def k_grids(shape, voxel_size, xp=np, real=True, dtype=np.float32, nyquist_zero=False):
     """Open k-space grids (cycles/mm), broadcastable, for a (real-)FFT of ``shape``."""
     grids = []
     nd = len(shape)
     for ax, (n, d) in enumerate(zip(shape, voxel_size)):
-        if real and ax == nd - 1:
-            k = np.fft.rfftfreq(n, d=d)
-        else:
-            k = np.fft.fftfreq(n, d=d)
+        k = k_frequencies(n, d, half=real and ax == nd - 1, nyquist_zero=nyquist_zero)
         view = [1] * nd
         view[ax] = k.size
         grids.append(xp.asarray(k.reshape(view), dtype=dtype))
     return grids
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def _kernel_cached(shape, voxel_size, b0_dir, xp_name, real, dtype_name):
     xp = backend.get_xp("gpu" if xp_name == "cupy" else "cpu")
     dtype = np.dtype(dtype_name)
     k = k_grids(shape, voxel_size, xp=xp, real=real, dtype=dtype)
+    # On an even axis the Nyquist frequencies +N/2 and -N/2 are one sample. The cross terms
+    # 2 b_i b_j k_i k_j of (k.b)^2 are odd in k_i, so the value that keeps D even in k (a real
+    # field, consistent for oblique B0) is their average, 0, at Nyquist; squares are unaffected.
+    k_sym = k_grids(shape, voxel_size, xp=xp, real=real, dtype=dtype, nyquist_zero=True)
     b = np.asarray(b0_dir, dtype=float)
     b = b / np.linalg.norm(b)
-    # On an even axis the Nyquist frequency +N/2 and -N/2 are the same sample. The cross terms
-    # 2 b_i b_j k_i k_j of (k.b)^2 are odd in k_i, so the value that keeps D symmetric (and the
-    # field real and rotation-consistent for oblique B0) is their average, 0, at Nyquist.
-    k_sym = []
-    for ki, n in zip(k, shape):
-        ks = ki.copy()
-        if n % 2 == 0:
-            ks[ks == ks.max() if ki.size == n // 2 + 1 else ks == ks.min()] = 0
-        k_sym.append(ks)
     kb_sym = sum(ks * dtype.type(bi) for ks, bi in zip(k_sym, b))
     kb2 = kb_sym * kb_sym + sum(
         dtype.type(bi * bi) * (ki * ki - ks * ks) for ki, ks, bi in zip(k, k_sym, b))
@@ -104,12 +107,14 @@ def crop_to(x, shape):
 def apply_kernel(x, kernel_fn, pad_shape=None):
     """F^-1 K F x for a real array ``x``; ``kernel_fn(shape)`` returns the half-spectrum
     kernel for the padded shape. The result has x's shape and dtype."""
+    xp = get_array_module(x)
     shape = tuple(x.shape)
     big = tuple(pad_shape) if pad_shape is not None else shape
     xf = backend.rfftn(pad_to(x, big))
     xf *= kernel_fn(big)
     out = backend.irfftn(xf, s=big)
-    return crop_to(out, shape).astype(x.dtype, copy=False)
+    # A contiguous copy: a view would keep the whole padded array alive.
+    return xp.ascontiguousarray(crop_to(out, shape), dtype=x.dtype)
 
 
 def forward_field(chi, voxel_size, b0_dir=(0, 0, 1), pad=None):

@@ -77,7 +77,7 @@ def peak_memory_mb() -> float:
 class StageTimer:
     """Records each stage's method, seconds, peak memory and method info for the sidecar."""
 
-    def __init__(self, device, progress=None, total=len(STAGES)):
+    def __init__(self, device, progress=None, total=4):
         self.device = device
         self.progress = progress
         self.total = total

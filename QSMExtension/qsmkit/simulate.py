@@ -21,6 +21,10 @@ which would add the field of a box of air the size of the field of view).
 ``field_local`` is the field of the brain's own susceptibility (``chi_brain``,
 relative to CSF/water); ``field_background`` is the rest, i.e. the field the head
 would produce if the brain were water.
+
+The brain mask is intracranial: brain plus a thin layer of extra-cerebral CSF
+(label ``csf_extracerebral``), minus air; label ``csf`` is the ventricles only, the
+usual reference region for ROI statistics.
 """
 
 from __future__ import annotations
@@ -157,7 +161,7 @@ BODY_SNR_FACTOR = 3.0           # body coil SNR = snr / 3
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
+@dataclass(eq=False)
 class Phantom:
     """Ground truth of the numerical phantom. Maps are (X, Y, Z) numpy arrays.
 
@@ -189,7 +193,7 @@ class Phantom:
         return self.chi.shape
 
 
-@dataclass
+@dataclass(eq=False)
 class Acquisition:
     """Simulated GRE data. Echoes in axis 3, coils in axis 4.
 
@@ -219,13 +223,14 @@ class Acquisition:
 
 def grid_coordinates(shape, voxel_size):
     """1-D physical coordinates (mm) of the voxel centres along each axis, centred in the FOV."""
-    return [(np.arange(n) - (n - 1) / 2.0) * float(d) for n, d in zip(shape, voxel_size)]
+    return [(np.arange(n) - (n - 1) / 2.0) * float(d)
+            for n, d in zip(shape, voxel_size, strict=True)]
 
 
 def _box(coords, lo, hi):
     """Index slices of the voxels whose centres lie within [lo, hi] (mm) per axis."""
     sl = []
-    for c, a, b in zip(coords, lo, hi):
+    for c, a, b in zip(coords, lo, hi, strict=True):
         i0 = int(np.searchsorted(c, a, side="left"))
         i1 = int(np.searchsorted(c, b, side="right"))
         sl.append(slice(i0, max(i0, i1)))
@@ -320,7 +325,8 @@ def _check_grid(shape, voxel_size, b0_dir):
         voxel_size = np.asarray(voxel_size, dtype=float).reshape(3)
         b0 = np.asarray(b0_dir, dtype=float).reshape(3)
     except (TypeError, ValueError) as exc:
-        raise QSMInputError(f"phantom needs a 3-D shape, 3 voxel sizes and a 3-vector B0: {exc}")
+        raise QSMInputError(
+            f"phantom needs a 3-D shape, 3 voxel sizes and a 3-vector B0: {exc}") from exc
     if len(shape) != 3 or min(shape) < 8:
         raise QSMInputError(f"phantom shape must be 3 sizes of at least 8 voxels, got {shape}")
     units.check_positive("voxel size (mm)", voxel_size)
@@ -405,8 +411,9 @@ def make_phantom(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), b0_dir=
 
     if pad is None:
         pad = tuple(n // 2 for n in shape)
-    field_local = np.asarray(forward_field(chi_brain, vox, b, pad=pad), dtype=np.float32)
-    field_background = np.asarray(forward_field(chi_bg, vox, b, pad=pad), dtype=np.float32)
+    # copies: forward_field returns a cropped view that keeps the whole padded array alive
+    field_local = np.array(forward_field(chi_brain, vox, b, pad=pad), dtype=np.float32)
+    field_background = np.array(forward_field(chi_bg, vox, b, pad=pad), dtype=np.float32)
     del chi_bg
     field_total = field_local + field_background
 
@@ -466,8 +473,9 @@ def coil_sensitivities(phantom, n_coils):
     shape = phantom.chi.shape
     vox = phantom.voxel_size
     coords = grid_coordinates(shape, vox)
-    x, y, z = (c.reshape([-1 if a == ax else 1 for a in range(3)]) for ax, c in enumerate(coords))
-    xn, yn, zn = _normalised_coords(shape, vox)
+    x, y, z = (c.reshape([-1 if a == ax else 1 for a in range(3)]).astype(np.float32)
+               for ax, c in enumerate(coords))
+    xn, yn, zn = (v.astype(np.float32) for v in _normalised_coords(shape, vox))
     ring = np.asarray(HEAD_SEMI_MM) * phantom.scale * COIL_RING_FACTOR
     d0 = COIL_DECAY_MM * phantom.scale
     out = np.empty(shape + (n_coils,), dtype=np.complex64)
@@ -475,11 +483,14 @@ def coil_sensitivities(phantom, n_coils):
         theta = 2 * np.pi * c / n_coils
         zc = (COIL_Z_OFFSET_MM * phantom.scale * (1 if c % 2 == 0 else -1)) if n_coils >= 6 else 0.0
         px, py = ring[0] * np.cos(theta), ring[1] * np.sin(theta)
-        d2 = (x - px) ** 2 + (y - py) ** 2 + (z - zc) ** 2
-        mag = (d0 / np.sqrt(d0 * d0 + d2)) ** 3
-        phase = (theta + COIL_PHASE_GRADIENT_RAD
-                 * (np.cos(theta) * xn + np.sin(theta) * yn + 0.3 * (-1) ** c * zn))
-        out[..., c] = mag * np.exp(1j * phase)
+        d2 = (x - np.float32(px)) ** 2 + (y - np.float32(py)) ** 2 + (z - np.float32(zc)) ** 2
+        mag = (np.float32(d0) / np.sqrt(np.float32(d0 * d0) + d2)) ** 3
+        g = np.float32(COIL_PHASE_GRADIENT_RAD)
+        phase = np.float32(theta) + g * (np.float32(np.cos(theta)) * xn
+                                         + np.float32(np.sin(theta)) * yn
+                                         + np.float32(0.3 * (-1) ** c) * zn)
+        out[..., c].real = mag * np.cos(phase)
+        out[..., c].imag = mag * np.sin(phase)
     return out
 
 
@@ -492,8 +503,10 @@ def body_coil_sensitivity(phantom):
 
 
 def _noise(rng, shape, sigma):
-    return sigma * (rng.standard_normal(shape, dtype=np.float32)
-                    + 1j * rng.standard_normal(shape, dtype=np.float32))
+    """Complex64 Gaussian noise, SD ``sigma`` in each of the real and imaginary parts."""
+    z = rng.standard_normal(tuple(shape) + (2,), dtype=np.float32).view(np.complex64)[..., 0]
+    z *= np.float32(sigma)
+    return z
 
 
 _PHASE_HI = np.nextafter(np.float32(np.pi), np.float32(0))   # largest float32 < pi
@@ -502,9 +515,9 @@ _PHASE_LO = np.nextafter(np.float32(-np.pi), np.float32(0))  # smallest float32 
 
 def _mag_phase(s):
     """|s| and angle(s) as float32, the angle wrapped to [-pi, pi)."""
-    ph = units.wrap_phase(np.angle(s)).astype(np.float32)
+    ph = np.angle(s).astype(np.float32, copy=False)  # in [-pi, pi]; +pi is the same as -pi
     np.clip(ph, _PHASE_LO, _PHASE_HI, out=ph)
-    return np.abs(s).astype(np.float32), ph
+    return np.abs(s).astype(np.float32, copy=False), ph
 
 
 def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coils=0,
@@ -562,16 +575,20 @@ def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coi
         bmag = bpha = None
 
     for e, t in enumerate(te):
-        signal = (m0 * np.exp(-t * rate)) * np.exp(1j * (omega * t + offset))
-        signal = signal.astype(np.complex64)
+        amp = m0 * np.exp(-t * rate)
+        theta = omega * t + offset  # float64: exact phase before the cast
+        signal = np.empty(shape, dtype=np.complex64)
+        signal.real = amp * np.cos(theta)
+        signal.imag = amp * np.sin(theta)
+        del amp, theta
         s = signal + _noise(rng, shape, sigma) if sigma > 0 else signal
         mag[..., e], pha[..., e] = _mag_phase(s)
-        if sens is not None:
-            for c in range(n_coils):
-                s = sens[..., c] * signal
-                if sigma > 0:
-                    s += _noise(rng, shape, sigma)
-                cmag[..., e, c], cpha[..., e, c] = _mag_phase(s)
+        if sens is not None:  # all coils of this echo at once
+            s = sens * signal[..., None]
+            if sigma > 0:
+                s += _noise(rng, s.shape, sigma)
+            cmag[..., e, :], cpha[..., e, :] = _mag_phase(s)
+            del s
         if body is not None:
             s = body * signal
             if sigma > 0:

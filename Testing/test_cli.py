@@ -1,0 +1,225 @@
+"""Every ``qsmkit`` command on a small simulated phantom, through the real console entry point
+(``qsmkit.cli.main``), plus the bad-input contract: one-line error, exit status 2, no output."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmkit import metrics
+from qsmkit.cli import main
+from qsmkit.simulate import CHI_PPM, LABELS
+
+SMALL = ["--shape", "64", "64", "32", "--voxel-size", "3.75", "3.75", "5"]
+
+
+def load(path):
+    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """A small single-echo phantom without receiver phase offset (3 T, TE 20 ms)."""
+    out = tmp_path_factory.mktemp("sim")
+    assert main(["simulate", "--out", str(out), *SMALL, "--no-phase-offset", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sim_multi(tmp_path_factory):
+    """Three echoes with a receiver phase offset: the echo difference must remove it."""
+    out = tmp_path_factory.mktemp("sim3")
+    assert main(["simulate", "--out", str(out), *SMALL, "--te", "0.005", "0.010", "0.015",
+                 "--quiet"]) == 0
+    return out
+
+
+def test_simulate_is_deterministic_and_keeps_geometry(sim, tmp_path):
+    assert main(["simulate", "--out", str(tmp_path), *SMALL, "--no-phase-offset", "--quiet"]) == 0
+    for name in ("phase", "magnitude", "chi_true", "labels"):
+        a, b = nib.load(str(sim / f"{name}.nii.gz")), nib.load(str(tmp_path / f"{name}.nii.gz"))
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_allclose(a.affine, b.affine)
+    np.testing.assert_allclose(nib.load(str(sim / "chi_true.nii.gz")).header.get_zooms(),
+                               (3.75, 3.75, 5.0))
+    meta = json.loads((sim / "phase.json").read_text())
+    assert meta["te"] == [0.02] and meta["b0"] == 3.0 and meta["software"] == "qsmkit"
+
+
+def test_run_whole_pipeline(sim_multi, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--magnitude", str(sim_multi / "magnitude.nii.gz"), "--phase",
+            str(sim_multi / "phase.nii.gz"), "--te", "0.005", "0.010", "0.015", "--b0", "3",
+            "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    for name in ("mask", "field_total", "field_local", "local_mask", "chi"):
+        img = nib.load(str(out / f"{name}.nii.gz"))
+        np.testing.assert_allclose(img.affine, nib.load(str(sim_multi / "phase.nii.gz")).affine)
+    meta = json.loads((out / "chi.json").read_text())
+    assert [s["stage"] for s in meta["stages"]] == ["mask", "field", "background", "inversion"]
+    assert meta["parameters"]["inversion"] == "l2" and meta["device"].startswith("cpu")
+    assert all(s["seconds"] >= 0 for s in meta["stages"])
+    truth_mask = load(sim_multi / "mask_true.nii.gz") > 0
+    assert metrics.nrmse(load(out / "field_total.nii.gz"), load(sim_multi / "field_total_true.nii.gz"),
+                         (load(out / "mask.nii.gz") > 0) & truth_mask) < 35
+    valid = (load(out / "local_mask.nii.gz") > 0) & truth_mask
+    chi, truth = load(out / "chi.nii.gz"), load(sim_multi / "chi_true.nii.gz")
+    assert np.corrcoef(chi[valid], truth[valid])[0, 1] > 0.3
+
+
+def test_mask_command(sim, tmp_path):
+    out = tmp_path / "mask.nii.gz"
+    assert main(["mask", "--magnitude", str(sim / "magnitude.nii.gz"), "--out", str(out)]) == 0
+    m, t = load(out) > 0, load(sim / "mask_true.nii.gz") > 0
+    assert 2 * (m & t).sum() / (m.sum() + t.sum()) > 0.9  # Dice
+    assert json.loads((tmp_path / "mask.json").read_text())["method"] == "threshold"
+
+
+def test_unwrap_command_congruent_and_right(sim, tmp_path):
+    out = tmp_path / "unwrapped.nii.gz"
+    assert main(["unwrap", "--phase", str(sim / "phase.nii.gz"), "--mask",
+                 str(sim / "mask_true.nii.gz"), "--out", str(out), "--quiet"]) == 0
+    mask = load(sim / "mask_true.nii.gz") > 0
+    wrapped, unwrapped = load(sim / "phase.nii.gz"), load(out)
+    k = (unwrapped - wrapped)[mask] / (2 * np.pi)
+    np.testing.assert_allclose(k, np.round(k), atol=1e-3)  # congruent: integer wraps only
+    # against the truth: phase = 2 pi gamma B0 TE field, up to one global 2 pi multiple
+    true_phase = load(sim / "field_total_true.nii.gz") * 2 * np.pi * 42.5775 * 3 * 0.02
+    n = np.round((unwrapped - true_phase)[mask] / (2 * np.pi))
+    assert np.mean(n == np.median(n)) > 0.95
+
+
+def test_background_command_units(sim, tmp_path):
+    """ppm and Hz inputs give the same local field; the valid mask is written beside it."""
+    field = sim / "field_total_true.nii.gz"
+    hz = tmp_path / "field_hz.nii.gz"
+    img = nib.load(str(field))
+    nib.save(nib.Nifti1Image(load(field).astype(np.float32) * 127.7325, img.affine), str(hz))
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    mask = str(sim / "mask_true.nii.gz")
+    assert main(["background", "--field", str(field), "--mask", mask, "--out", str(a)]) == 0
+    assert main(["background", "--field", str(hz), "--field-units", "hz", "--b0", "3", "--mask",
+                 mask, "--out", str(b)]) == 0
+    np.testing.assert_allclose(load(a), load(b), atol=1e-5)
+    assert (tmp_path / "a_mask.nii.gz").exists()
+    assert json.loads((tmp_path / "a.json").read_text())["method"] == "vsharp"
+
+
+@pytest.mark.parametrize("method", ["tkd", "l2"])
+def test_invert_command_from_true_local_field(sim, tmp_path, method):
+    out = tmp_path / "chi.nii.gz"
+    assert main(["invert", "--field", str(sim / "field_local_true.nii.gz"), "--mask",
+                 str(sim / "mask_true.nii.gz"), "--magnitude", str(sim / "magnitude.nii.gz"),
+                 "--method", method, "--out", str(out)]) == 0
+    mask = load(sim / "mask_true.nii.gz") > 0
+    err = metrics.nrmse(load(out), load(sim / "chi_true.nii.gz"), mask)
+    assert err < 75, f"{method}: NRMSE {err:.1f}%"
+    assert json.loads((tmp_path / "chi.json").read_text())["method"] == method
+
+
+def test_stats_command_recovers_label_values(sim, tmp_path):
+    out = tmp_path / "stats.csv"
+    assert main(["stats", "--chi", str(sim / "chi_true.nii.gz"), "--labels",
+                 str(sim / "labels.nii.gz"), "--label-names", str(sim / "labels.tsv"),
+                 "--reference", "csf", "--out", str(out), "--quiet"]) == 0
+    import csv
+
+    rows = {r["name"]: r for r in csv.DictReader(out.open())}
+    for name in ("globus_pallidus", "putamen", "caudate", "white_matter"):
+        lab = [k for k, v in LABELS.items() if v == name][0]
+        assert float(rows[name]["mean"]) == pytest.approx(CHI_PPM[lab], abs=1e-6)
+        assert float(rows[name]["mean_ref"]) == pytest.approx(CHI_PPM[lab], abs=1e-6)
+
+
+def test_demo_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *SMALL, "--quiet"]) == 0
+    assert (out / "overview.png").stat().st_size > 10_000
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "stage,method,seconds,metric,value" and len(rows) > 10
+    assert (out / "chi.nii.gz").exists() and (out / "inputs" / "chi_true.nii.gz").exists()
+
+
+# ------------------------------------------------------------------ bad input
+
+def _bad(argv, capsys, out_paths, needle):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "\n" not in err and err.startswith("qsmkit: error:"), err
+    assert needle in err, err
+    for p in out_paths:
+        assert not Path(p).exists()
+        assert not list(Path(p).parent.glob(".tmp*")) if Path(p).parent.exists() else True
+
+
+def test_missing_file(sim, tmp_path, capsys):
+    out = tmp_path / "o"
+    _bad(["run", "--magnitude", str(tmp_path / "nope.nii.gz"), "--phase", str(sim / "phase.nii.gz"),
+          "--te", "0.02", "--b0", "3", "--out", str(out)], capsys, [out], "nope.nii.gz: file not found")
+
+
+def test_shape_mismatch(sim, tmp_path, capsys):
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.float32), np.eye(4)), str(small))
+    out = tmp_path / "o"
+    _bad(["run", "--magnitude", str(small), "--phase", str(sim / "phase.nii.gz"), "--te", "0.02",
+          "--b0", "3", "--out", str(out)], capsys, [out], "shape")
+
+
+def test_missing_te(sim, tmp_path, capsys):
+    out = tmp_path / "o"
+    _bad(["run", "--magnitude", str(sim / "magnitude.nii.gz"), "--phase",
+          str(sim / "phase.nii.gz"), "--b0", "3", "--out", str(out)], capsys, [out], "echo time")
+
+
+def test_nan_input(sim, tmp_path, capsys):
+    img = nib.load(str(sim / "field_local_true.nii.gz"))
+    data = np.asarray(img.dataobj).copy()
+    data[10, 10, 10] = np.nan
+    bad = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(bad))
+    out = tmp_path / "chi.nii.gz"
+    _bad(["invert", "--field", str(bad), "--mask", str(sim / "mask_true.nii.gz"), "--out",
+          str(out)], capsys, [out], "NaN")
+
+
+@pytest.mark.parametrize("flag, value", [("--te", "0"), ("--te", "-0.02"), ("--b0", "0"),
+                                         ("--b0", "-3")])
+def test_non_positive_te_b0(sim, tmp_path, capsys, flag, value):
+    args = {"--te": "0.02", "--b0": "3"}
+    args[flag] = value
+    out = tmp_path / "o"
+    _bad(["run", "--magnitude", str(sim / "magnitude.nii.gz"), "--phase",
+          str(sim / "phase.nii.gz"), "--te", args["--te"], "--b0", args["--b0"], "--out", str(out)],
+         capsys, [out], "positive")
+
+
+def test_geometry_mismatch_mask(sim, tmp_path, capsys):
+    img = nib.load(str(sim / "mask_true.nii.gz"))
+    moved = tmp_path / "moved.nii.gz"
+    aff = img.affine.copy()
+    aff[0, 3] += 10
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), str(moved))
+    out = tmp_path / "chi.nii.gz"
+    _bad(["invert", "--field", str(sim / "field_local_true.nii.gz"), "--mask", str(moved),
+          "--out", str(out)], capsys, [out], "moved.nii.gz")
+
+
+def test_unknown_units_is_one_line(sim, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["invert", "--field", str(sim / "field_local_true.nii.gz"), "--mask",
+              str(sim / "mask_true.nii.gz"), "--field-units", "gauss", "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "gauss" in err
+
+
+def test_output_never_overwrites_input(sim, capsys):
+    field = sim / "field_local_true.nii.gz"
+    before = field.read_bytes()
+    _bad(["invert", "--field", str(field), "--mask", str(sim / "mask_true.nii.gz"), "--out",
+          str(field)], capsys, [], "overwrite")
+    assert field.read_bytes() == before
