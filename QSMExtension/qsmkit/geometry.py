@@ -46,7 +46,8 @@ def b0_direction(affine, b0_world=None) -> np.ndarray:
         raise QSMInputError(f"B0 direction must be 3 finite numbers, not all zero; got {b0_world}")
     vox = voxel_size(affine)
     if not np.all(np.isfinite(vox)) or np.any(vox <= 0):
-        raise QSMInputError(f"affine has a zero or invalid voxel size {vox}: cannot derive the B0 direction")
+        raise QSMInputError(
+            f"affine has a zero or invalid voxel size {vox}: cannot derive the B0 direction")
     r = direction_matrix(affine)
     if not abs(np.linalg.det(r)) >= 1e-6:
         raise QSMInputError("affine is singular: cannot derive the B0 direction")
