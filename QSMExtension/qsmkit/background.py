@@ -24,19 +24,41 @@ from .registry import Registry
 BACKGROUND = Registry("background", default="vsharp")
 
 
+def ball_weights(voxel_size, radius_mm, sub=5):
+    """Weights of the spherical-mean-value ball on an (anisotropic) voxel grid, centred on a voxel,
+    summing to 1.
+
+    SMV filtering leaves a harmonic field unchanged only if the discrete ball's second moments,
+    taken at the voxel centres, are equal along all axes. A 0/1 ball on 0.9 x 0.9 x 2.5 mm voxels
+    breaks this (each voxel adds its own d_i^2 / 12 of spread), so its mean of a harmonic quadratic
+    field is off by a constant that differs per radius, and V-SHARP leaves shells of residual
+    background. We therefore use the partial-volume fraction (``sub``^3 samples per voxel) of an
+    ellipsoid with semi-axes R_i^2 = R^2 - 5/12 (d_i^2 - d_min^2), whose centre-sampled second
+    moments are all R^2/5 + d_min^2/12.
+    """
+    d = np.asarray(voxel_size, dtype=float)
+    semi2 = radius_mm**2 - 5.0 / 12.0 * (d**2 - d.min() ** 2)
+    semi2 = np.maximum(semi2, (0.5 * d) ** 2)
+    half = [int(np.ceil(np.sqrt(s2) / v + 0.5)) for s2, v in zip(semi2, d)]
+    offsets = (np.arange(sub) + 0.5) / sub - 0.5
+    q = []
+    for h, v, s2 in zip(half, d, semi2):
+        pos = np.arange(-h, h + 1)[:, None] * v + offsets[None, :] * v  # (n, sub) sample positions
+        q.append(pos**2 / s2)
+    inside = (q[0][:, None, None, :, None, None] + q[1][None, :, None, None, :, None]
+              + q[2][None, None, :, None, None, :]) <= 1.0
+    w = inside.mean(axis=(3, 4, 5))
+    return w / w.sum()
+
+
 def sphere_kernel_ft(shape, voxel_size, radius_mm, xp=np, dtype=np.float32):
     """Real-FFT of the normalised ball of ``radius_mm`` (the SMV operator s_r), centred at the
     origin with wrap-around, on a (possibly anisotropic) grid of ``shape``."""
-    grids = []
-    for ax, (n, d) in enumerate(zip(shape, voxel_size)):
-        i = np.fft.fftfreq(n, 1.0 / n)  # 0, 1, ..., -1 : signed voxel offsets
-        view = [1] * 3
-        view[ax] = n
-        grids.append((i * d).reshape(view))
-    ball = (grids[0] ** 2 + grids[1] ** 2 + grids[2] ** 2) <= radius_mm**2 + 1e-9
-    ball = xp.asarray(ball, dtype=dtype)
-    ball /= ball.sum()
-    return backend.rfftn(ball)
+    w = ball_weights(voxel_size, radius_mm)
+    kernel = np.zeros(shape, dtype=dtype)
+    idx = np.ix_(*[np.arange(-(n // 2), n // 2 + 1) % m for n, m in zip(w.shape, shape)])
+    kernel[idx] = w
+    return backend.rfftn(xp.asarray(kernel))
 
 
 def default_radii(voxel_size, max_mm=12.0):

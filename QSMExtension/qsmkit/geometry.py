@@ -62,7 +62,7 @@ def b0_angle_deg(b0_dir) -> float:
 
 
 def make_affine(voxel=(1.0, 1.0, 1.0), rotation=None, origin=None, flip=()) -> np.ndarray:
-    """Build an affine from a voxel size, an optional 3x3 rotation and flipped axes (for tests, simulation)."""
+    """An affine from a voxel size, an optional 3x3 rotation and flipped axes (tests, simulation)."""
     r = np.eye(3) if rotation is None else np.asarray(rotation, dtype=float)
     s = np.array([-1.0 if ax in flip else 1.0 for ax in range(3)])
     a = np.eye(4)
