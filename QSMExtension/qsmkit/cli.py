@@ -17,10 +17,11 @@ import numpy as np
 
 from . import __version__, backend, geometry, io, units
 from .background import BACKGROUND
+from .echoes import combine_magnitude
 from .errors import QSMInputError
 from .inversion import INVERSION
 from .masking import MASKING
-from .pipeline import PipelineConfig, run_pipeline, sidecar
+from .pipeline import STAGES, PipelineConfig, run_pipeline, sidecar
 from .unwrapping import UNWRAPPING
 
 
@@ -82,13 +83,6 @@ def check_outputs(outputs, inputs):
     for out in outputs:
         if os.path.realpath(out) in ins:
             raise QSMInputError(f"{out}: output would overwrite an input file")
-
-
-def strip_nifti_ext(path):
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if path.endswith(ext):
-            return path[: -len(ext)]
-    return os.path.splitext(path)[0]
 
 
 def b0_dir_for(volume, b0_world):
@@ -217,7 +211,7 @@ def cmd_run(args):
     outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
     check_outputs(outs.values(), [*args.magnitude, *args.phase, args.mask])
     b0_dir = b0_dir_for(pha, args.b0_dir)
-    progress = Progress(4, args.quiet, "qsmkit run")
+    progress = Progress(len(STAGES), args.quiet, "qsmkit run")
     try:
         res = run_pipeline(mag.data, units.rescale_phase(pha.data), te, b0, pha.voxel_size, b0_dir,
                            mask=mask, config=cfg, progress=progress)
@@ -250,8 +244,6 @@ def cmd_mask(args):
     params = parse_params(args.param)
     if args.erode:
         params["erode"] = args.erode
-    from .echoes import combine_magnitude
-
     mask = MASKING.get(method).func(combine_magnitude(vol.data), vol.voxel_size, **params)
     io.save_volume(args.out, mask, vol.affine, dtype=np.uint8,
                    sidecar=sidecar(extra={"stage": "mask", "method": method, "parameters": params,
@@ -286,7 +278,7 @@ def cmd_unwrap(args):
 def cmd_background(args):
     vol, field = load_field(args.field, args.field_units, args.b0, args.te)
     mask = load_mask(args.mask, vol)
-    out_mask = args.out_mask or strip_nifti_ext(args.out) + "_mask.nii.gz"
+    out_mask = args.out_mask or io.image_stem(args.out) + "_mask.nii.gz"
     check_outputs([args.out, out_mask], [args.field, args.mask])
     device = backend.resolve_device(args.device)
     method = BACKGROUND.resolve(args.method)
@@ -312,8 +304,6 @@ def cmd_invert(args):
         mvol = io.load_echoes([args.magnitude], what="magnitude")
         io.check_same_grid(vol, mvol, "field", "magnitude")
         io.require_finite(mvol.data, args.magnitude, "magnitude")
-        from .echoes import combine_magnitude
-
         mag = combine_magnitude(mvol.data)
     check_outputs([args.out], [args.field, args.mask, args.magnitude])
     device = backend.resolve_device(args.device)

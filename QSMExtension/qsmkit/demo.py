@@ -11,7 +11,7 @@ import numpy as np
 
 from . import backend, metrics
 from .inversion import INVERSION
-from .pipeline import PipelineConfig, run_pipeline, sidecar
+from .pipeline import STAGES, PipelineConfig, run_pipeline, sidecar
 
 
 def dice(a, b) -> float:
@@ -113,7 +113,7 @@ def run_demo(out, shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), seed=0
     inputs = os.path.join(out, "inputs")
     write_simulation(inputs, ph, acq, {"shape": list(shape), "voxel_size": list(voxel_size),
                                        "seed": seed, "snr": snr, "te": list(te), "b0": b0})
-    progress = Progress(4, quiet, "qsmkit demo")
+    progress = Progress(len(STAGES), quiet, "qsmkit demo")
     try:
         res = run_pipeline(acq.magnitude, acq.phase, te, b0, ph.voxel_size, ph.b0_dir,
                            config=cfg, progress=progress)

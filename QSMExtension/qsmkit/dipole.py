@@ -22,15 +22,15 @@ from .backend import get_array_module
 
 def padded_shape(shape, pad=None):
     """Shape after zero padding: ``pad`` voxels added to each side of each axis (int or
-    per-axis sequence), then rounded up to a fast FFT length. ``None``/0 pads nothing
-    but still rounds to a fast length only if ``fast`` padding was asked (pad="fast")."""
+    per-axis sequence), then rounded up to a fast FFT length. ``None`` or all zeros: the shape
+    unchanged; ``"fast"``: only the rounding to fast FFT lengths."""
     shape = tuple(int(n) for n in shape)
-    if pad is None or (np.isscalar(pad) and pad == 0):
-        return shape
     if isinstance(pad, str):
         if pad == "fast":
             return tuple(backend.next_fast_len(n) for n in shape)
         raise ValueError(f"unknown pad {pad!r}")
+    if pad is None or not np.any(pad):
+        return shape
     p = np.broadcast_to(np.asarray(pad, dtype=int), (len(shape),))
     return tuple(backend.next_fast_len(n + 2 * q) for n, q in zip(shape, p))
 

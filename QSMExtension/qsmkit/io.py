@@ -124,17 +124,21 @@ def _check_ndim(data: np.ndarray, path, what: str) -> None:
         raise QSMInputError(f"{what} must be 3-D or 4-D, got shape {tuple(data.shape)}", path=path)
 
 
-def sidecar_path(path) -> str:
-    """The JSON sidecar beside an image: ``x.nii.gz`` / ``x.nii`` / ``x.nrrd`` -> ``x.json``."""
+def image_stem(path) -> str:
+    """The path without its image extension: ``x.nii.gz`` / ``x.nii`` / ``x.nrrd`` -> ``x``."""
     p = str(path)
     d, name = os.path.split(p)
-    low = name.lower()
-    if low.endswith(".gz"):
-        name, low = name[:-3], low[:-3]
-    stem, ext = os.path.splitext(name)
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
+    stem, _ = os.path.splitext(name)
     if not stem:  # a name such as ".nii": keep it whole
         stem = name
-    return os.path.join(d, stem + ".json")
+    return os.path.join(d, stem)
+
+
+def sidecar_path(path) -> str:
+    """The JSON sidecar beside an image: ``x.nii.gz`` / ``x.nii`` / ``x.nrrd`` -> ``x.json``."""
+    return image_stem(path) + ".json"
 
 
 def _read_sidecar(path) -> dict:

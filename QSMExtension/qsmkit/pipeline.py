@@ -77,10 +77,10 @@ def peak_memory_mb() -> float:
 class StageTimer:
     """Records each stage's method, seconds, peak memory and method info for the sidecar."""
 
-    def __init__(self, device, progress=None, total=4):
+    def __init__(self, device, progress=None, total=None):
         self.device = device
         self.progress = progress
-        self.total = total
+        self.total = len(STAGES) if total is None else total
         self.records = []
 
     def run(self, stage, method, func, *args, **kwargs):
