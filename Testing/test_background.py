@@ -1,8 +1,15 @@
-"""V-SHARP against a case with known answer: a local source inside a spherical brain and a strong
-air-like source outside it; the background is harmonic inside the mask."""
+"""Background removal against scenes with a known answer: local sources inside a "brain" mask,
+strong air-like sources outside it (the background, harmonic inside the mask), on isotropic and
+anisotropic grids, oblique B0, masks cut by the field of view and masks with holes.
+
+Truth follows ``qsmkit.headmodel``: local field = D * (M (chi - mean_M chi)); everything else is
+background. Two measures: NRMSE of the local field, and the *residual background*, the output
+of the method given the background field alone (every method here is linear, or nearly so for
+CG, so this is exactly the background it leaves in its result), relative to the local field."""
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from qsmkit import background, dipole, metrics
 
@@ -12,8 +19,8 @@ def ball(shape, voxel, centre, radius):
     return sum((q - c) ** 2 for q, c in zip(g, centre)) <= radius**2
 
 
-# Measured: 3.9 % (1 mm) and 13.6 % (2.5 mm slices: the small spheres near the edge are coarse in z,
-# and the air is 7 mm from the brain); PDF in the background issue is expected to do better.
+# Measured (foundation): 3.9 % (1 mm) and 13.6 % (2.5 mm slices: the small spheres near the edge are coarse in z,
+# and the air is 7 mm from the brain).
 @pytest.mark.parametrize("voxel, bar", [((1.0, 1.0, 1.0), 6.0), ((0.9375, 0.9375, 2.5), 18.0)])
 def test_vsharp_removes_harmonic_background(voxel, bar):
     shape = tuple(int(120 / v) for v in voxel)
@@ -41,3 +48,84 @@ def test_ball_weights_are_isotropic_on_anisotropic_voxels():
                         indexing="ij")
     moments = [float((w * g**2).sum()) for g in grids]
     np.testing.assert_allclose(moments, r**2 / 5 + 0.9375**2 / 12, rtol=0.02)
+
+
+def scene(voxel, b0_dir=(0, 0, 1), cut=False, hole=False):
+    """(total, local, background, mask) on a 120 mm field of view; ``cut``: the mask runs out of
+    the top of the field of view and air sources lie beyond it; ``hole``: an air bubble inside a
+    hole in the mask."""
+    fov = 120
+    extra = 40 if cut else 0  # simulate on a taller grid, then crop to the field of view
+    shape = tuple(int(round(n / v)) for n, v in zip((fov, fov, fov + 2 * extra), voxel))
+    cz = 28.0 if cut else 0.0
+    g = np.meshgrid(*[(np.arange(n) - n / 2 + 0.5) * v for n, v in zip(shape, voxel)], indexing="ij")
+
+    def ell(c, semi):
+        return sum(((q - ci) / si) ** 2 for q, ci, si in zip(g, c, semi)) <= 1
+
+    mask = ell((0, 0, cz), (40, 45, 35))
+    chi = np.zeros(shape, np.float32)
+    chi[ell((10, 0, cz), (8, 8, 8))] = 0.1
+    chi[ell((-15, 10, cz - 5), (6, 6, 6))] = -0.08
+    chi[ell((-20, -15, cz + 8), (3, 12, 3))] = 0.3  # a vein-like rod
+    chi[ell((0, 0, cz - 30), (30, 35, 10)) & ~mask] = 0.05  # tissue touching the mask
+    chi = np.where(mask, chi, 0).astype(np.float32)
+    air = ell((0, 35, cz - 45), (15, 10, 8)) | ell((0, -52, cz), (6, 6, 6))
+    if cut:
+        air |= ell((0, 0, cz + 60), (20, 20, 8))  # beyond the top of the field of view
+    if hole:
+        bubble = ell((-5, -20, cz + 5), (4, 4, 4))
+        mask &= ~ell((-5, -20, cz + 5), (6, 6, 6))
+        air |= bubble
+    pad = [n // 2 for n in shape]
+    chi_local = np.where(mask, chi - chi[mask].mean(), 0).astype(np.float32)
+    local = dipole.forward_field(chi_local, voxel, b0_dir, pad=pad)
+    # Partial-volume (smoothed) air edges: a binary 9.4 ppm sphere puts so much energy at the
+    # Nyquist frequency that, with oblique B0, its sampled field is no longer harmonic on the grid.
+    air = np.where(mask, 0, ndimage.gaussian_filter(air.astype(np.float32), 1.0))
+    chi_bg = np.where(mask, chi[mask].mean(), chi) + 9.4 * air
+    bg = dipole.forward_field(chi_bg.astype(np.float32), voxel, b0_dir, pad=pad)
+    if cut:
+        keep = (slice(None), slice(None), slice(extra * shape[2] // (fov + 2 * extra),
+                                                (fov + extra) * shape[2] // (fov + 2 * extra)))
+        local, bg, mask = local[keep], bg[keep], mask[keep]
+    return local + bg, local * mask, bg, mask
+
+
+OBLIQUE = tuple(np.array([0.3, -0.2, 1.0]) / np.linalg.norm([0.3, -0.2, 1.0]))
+CASES = {
+    "iso": dict(voxel=(1.5, 1.5, 1.5)),
+    "aniso": dict(voxel=(1.0, 1.0, 2.5)),
+    "oblique": dict(voxel=(1.5, 1.5, 1.5), b0_dir=OBLIQUE),
+    "cut": dict(voxel=(1.5, 1.5, 1.5), cut=True),
+    "hole": dict(voxel=(1.5, 1.5, 1.5), hole=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    kw = CASES[request.param]
+    return request.param, kw.get("voxel"), kw.get("b0_dir", (0, 0, 1)), scene(**kw)
+
+
+# Measured over the five scenes (residual background / NRMSE, %): PDF <= 1.5 / 22-26 (whole mask),
+# V-SHARP <= 3.9 / 13-22 (its eroded mask, about 80 % of the voxels), RESHARP <= 1.7 / 24-31.
+# The NRMSE floor is not background: it is the part of the local sources' own field that looks
+# harmonic inside the mask, which every background method removes with the background.
+RESIDUAL_BAR = {"pdf": 3.0, "vsharp": 6.0, "resharp": 3.0}
+NRMSE_BAR = {"pdf": 30.0, "vsharp": 26.0, "resharp": 35.0}
+
+
+@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp"])
+def test_background_scenes(case, method):
+    name, voxel, b0_dir, (total, local, bg, mask) = case
+    assert np.abs(bg[mask]).max() > 5 * np.abs(local[mask]).max()  # background dominates
+    func = background.BACKGROUND.get(method).func
+    est, valid, info = func(total, mask, voxel, b0_dir)
+    assert not (valid & ~mask).any() and valid.sum() > 0.6 * mask.sum()
+    left, _, _ = func(bg, mask, voxel, b0_dir)
+    residual = 100 * np.linalg.norm(left[valid]) / np.linalg.norm(local[valid])
+    err = metrics.nrmse(est, local, valid)
+    print(f"{name} {method}: NRMSE {err:.1f}% residual background {residual:.1f}% {info}")
+    assert residual < RESIDUAL_BAR[method], f"{name} {method}: residual background {residual:.1f}%"
+    assert err < NRMSE_BAR[method], f"{name} {method}: NRMSE {err:.1f}%"

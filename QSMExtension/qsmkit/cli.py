@@ -89,9 +89,12 @@ def b0_dir_for(volume, b0_world):
     return volume.b0_dir(b0_world) if b0_world else volume.b0_dir()
 
 
-def load_field(path, units_name, b0, te):
+def load_field(path, units_name, b0, te, allow_nan=False):
+    """A 3-D field in ppm. With ``allow_nan`` NaN/Inf are kept, for ``field_in_mask`` to judge
+    once the mask is known (vendor field maps are often NaN outside the head)."""
     vol = io.load_volume(path, what="field")
-    io.require_finite(vol.data, path, "field")
+    if not allow_nan:
+        io.require_finite(vol.data, path, "field")
     if vol.data.ndim != 3:
         raise QSMInputError(f"{path}: field must be 3-D, got shape {vol.data.shape}")
     try:
@@ -99,6 +102,36 @@ def load_field(path, units_name, b0, te):
     except QSMInputError as err:
         raise QSMInputError(str(err), path) from None
     return vol, np.asarray(data, dtype=np.float32)
+
+
+def field_in_mask(field, mask, path):
+    """NaN/Inf inside the mask are an error; outside it they are ignored (set to 0)."""
+    bad = ~np.isfinite(field)
+    n_in = int(np.count_nonzero(bad & mask))
+    if n_in:
+        raise QSMInputError(f"field has {n_in} NaN/Inf voxels inside the mask", path)
+    return np.where(bad, np.float32(0), field).astype(np.float32)
+
+
+def load_weights(args, like: io.Volume):
+    """Noise weights for background removal: ``--weights`` (e.g. a magnitude image, larger =
+    more reliable) or ``--noise`` (field noise SD, weight = 1/SD). None when neither is given."""
+    if args.weights and args.noise:
+        raise QSMInputError("give --weights or --noise, not both")
+    path = args.weights or args.noise
+    if not path:
+        return None
+    vol = io.load_volume(path, what="weights" if args.weights else "noise map")
+    io.check_same_grid(like, vol, "field", "weights" if args.weights else "noise map")
+    data = combine_magnitude(vol.data) if vol.data.ndim == 4 else np.asarray(vol.data, np.float32)
+    if data.ndim != 3:
+        raise QSMInputError(f"must be 3-D, got shape {data.shape}", path)
+    if args.noise:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            data = np.where((data > 0) & np.isfinite(data), 1.0 / data, 0).astype(np.float32)
+    if not np.any(data > 0):
+        raise QSMInputError("weights are zero everywhere", path)
+    return data
 
 
 def load_mask(path, like: io.Volume, what="mask"):
@@ -276,29 +309,37 @@ def cmd_unwrap(args):
 
 
 def cmd_background(args):
-    vol, field = load_field(args.field, args.field_units, args.b0, args.te)
+    vol, field = load_field(args.field, args.field_units, args.b0, args.te, allow_nan=True)
     mask = load_mask(args.mask, vol)
+    field = field_in_mask(field, mask, args.field)
+    weights = load_weights(args, vol)
     out_mask = args.out_mask or io.image_stem(args.out) + "_mask.nii.gz"
-    check_outputs([args.out, out_mask], [args.field, args.mask])
+    check_outputs([args.out, out_mask], [args.field, args.mask, args.weights, args.noise])
     device = backend.resolve_device(args.device)
     method = BACKGROUND.resolve(args.method)
     params = parse_params(args.param)
-    f = backend.to_device(field, device, backend.FLOAT)
-    m = backend.to_device(mask, device)
+    b0_dir = b0_dir_for(vol, args.b0_dir)
     t0 = time.perf_counter()
-    local, new_mask, info = BACKGROUND.get(method).func(f, m, vol.voxel_size, **params)
+    local, new_mask, info = BACKGROUND.get(method).func(
+        backend.to_device(field, device, backend.FLOAT), backend.to_device(mask, device),
+        vol.voxel_size, b0_dir,
+        weights=None if weights is None else backend.to_device(weights, device, backend.FLOAT),
+        **params)
     meta = sidecar(extra={"stage": "background", "method": method, "parameters": params,
                           "info": info, "device": backend.device_name(device),
                           "seconds": round(time.perf_counter() - t0, 3), "units": "ppm",
+                          "b0_dir_voxel": list(map(float, b0_dir)),
                           "inputs": {"field": args.field, "mask": args.mask,
+                                     "weights": args.weights, "noise": args.noise,
                                      "field_units": args.field_units}})
     io.save_volume(args.out, backend.to_numpy(local), vol.affine, sidecar=meta)
     io.save_volume(out_mask, backend.to_numpy(new_mask), vol.affine, dtype=np.uint8, sidecar=meta)
 
 
 def cmd_invert(args):
-    vol, field = load_field(args.field, args.field_units, args.b0, args.te)
+    vol, field = load_field(args.field, args.field_units, args.b0, args.te, allow_nan=True)
     mask = load_mask(args.mask, vol)
+    field = field_in_mask(field, mask, args.field)
     mag = None
     if args.magnitude:
         mvol = io.load_echoes([args.magnitude], what="magnitude")
@@ -459,8 +500,11 @@ def build_parser():
     p.add_argument("--out", required=True, help="local field (ppm)")
     p.add_argument("--out-mask", help="where the local field is valid (default OUT_mask.nii.gz)")
     p.add_argument("--method", default="auto", choices=BACKGROUND.choices())
+    p.add_argument("--weights", help="noise weights, e.g. the magnitude (PDF; larger = more reliable)")
+    p.add_argument("--noise", help="field noise SD map (PDF weights = 1/SD)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE")
     _add_field_units(p)
+    _add_b0_dir(p)
     _add_common(p)
     p.set_defaults(func=cmd_background)
 

@@ -142,12 +142,15 @@ def run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
 
     f_dev = backend.to_device(field_total, cfg.device, backend.FLOAT)
     m_dev = backend.to_device(mask, cfg.device)
+    mag_dev = backend.to_device(mag3, cfg.device, backend.FLOAT)
+    # The field's noise SD is inversely proportional to the magnitude (Liu 2011), so the
+    # magnitude is PDF's noise weight unless the caller gives weights.
+    bg_params = {"weights": mag_dev, **cfg.background_params}
     local, local_mask, bg_info = timer.run(
         "background", cfg.background, BACKGROUND.get(cfg.background).func, f_dev, m_dev,
-        voxel_size, **cfg.background_params)
+        voxel_size, b0_dir, **bg_params)
     timer.records[-1]["info"] = bg_info
 
-    mag_dev = backend.to_device(mag3, cfg.device, backend.FLOAT)
     chi, inv_info = timer.run(
         "inversion", cfg.inversion, INVERSION.get(cfg.inversion).func, local, local_mask,
         voxel_size, b0_dir, magnitude=mag_dev, **cfg.inversion_params)

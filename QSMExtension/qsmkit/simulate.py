@@ -18,9 +18,13 @@ everywhere produces no field (D(0) = 0), so the total field is that of
 ``chi - CHI_AIR_PPM``, which vanishes outside the head. Consequently
 ``field_total == forward_field(chi - CHI_AIR_PPM)`` (not ``forward_field(chi)``,
 which would add the field of a box of air the size of the field of view).
-``field_local`` is the field of the brain's own susceptibility (``chi_brain``,
-relative to CSF/water); ``field_background`` is the rest, i.e. the field the head
-would produce if the brain were water.
+``field_local`` is the field of the brain's own susceptibility with its mean over
+the mask removed, ``D * (mask (chi_brain - mean))``: a uniform susceptibility filling
+the brain produces, inside it, a smooth field that no background-removal method can
+tell from an external source, and QSM determines chi only up to a constant, so the
+identifiable tissue field excludes it (the same definition as ``qsmkit.headmodel``).
+``field_background`` is the rest, i.e. the field the head would produce if the brain
+were uniform at its mean susceptibility.
 
 The brain mask is intracranial: brain plus a thin layer of extra-cerebral CSF
 (label ``csf_extracerebral``), minus air; label ``csf`` is the ventricles only, the
@@ -405,16 +409,19 @@ def make_phantom(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), b0_dir=
     t2s_lut = np.array([T2STAR_MS.get(i, 1.0) for i in range(n_lab)], dtype=np.float32)
     chi = chi_lut[labels]
     chi_brain = np.where(mask, chi, np.float32(0)).astype(np.float32)
-    # background sources, relative to air: the head outside the brain, and the brain as water
-    chi_bg = np.where(mask, np.float32(-CHI_AIR_PPM), chi - np.float32(CHI_AIR_PPM))
+    # local sources: the brain relative to its mean; background sources, relative to air: the
+    # head outside the brain, and the brain as a uniform body at that mean
+    brain_mean = np.float32(chi[mask].mean()) if mask.any() else np.float32(0)
+    chi_local = np.where(mask, chi - brain_mean, np.float32(0)).astype(np.float32)
+    chi_bg = np.where(mask, brain_mean - np.float32(CHI_AIR_PPM), chi - np.float32(CHI_AIR_PPM))
     chi_bg = chi_bg.astype(np.float32)
 
     if pad is None:
         pad = tuple(n // 2 for n in shape)
     # copies: forward_field returns a cropped view that keeps the whole padded array alive
-    field_local = np.array(forward_field(chi_brain, vox, b, pad=pad), dtype=np.float32)
+    field_local = np.array(forward_field(chi_local, vox, b, pad=pad), dtype=np.float32)
     field_background = np.array(forward_field(chi_bg, vox, b, pad=pad), dtype=np.float32)
-    del chi_bg
+    del chi_bg, chi_local
     field_total = field_local + field_background
 
     return Phantom(
