@@ -107,7 +107,7 @@ def load_head_model(folder, block=2, crop=None, pad=None) -> HeadModel:
     folder = Path(folder)
     seg = np.asarray(nib.load(str(folder / "SegmentedModel.nii.gz")).dataobj).astype(np.int16)
     brain = np.asarray(nib.load(str(folder / "BrainMask.nii.gz")).dataobj) > 0.5
-    vox0 = tuple(float(v) for v in nib.load(str(folder / "SegmentedModel.nii.gz")).header.get_zooms()[:3])
+    vox0 = tuple(round(float(v), 6) for v in nib.load(str(folder / "SegmentedModel.nii.gz")).header.get_zooms()[:3])
     table = read_chiref(folder / "SusceptibilityValues.mat")
     air = next(v for _, (name, v) in table.items() if name.lower() == "air")
     lut = np.zeros(max(table) + 1, dtype=np.float32)
