@@ -19,8 +19,8 @@ def ball(shape, voxel, centre, radius):
     return sum((q - c) ** 2 for q, c in zip(g, centre)) <= radius**2
 
 
-# Measured (foundation): 3.9 % (1 mm) and 13.6 % (2.5 mm slices: the small spheres near the edge are coarse in z,
-# and the air is 7 mm from the brain).
+# Measured (foundation): 3.9 % (1 mm) and 13.6 % (2.5 mm slices: the small spheres near the edge
+# are coarse in z, and the air is 7 mm from the brain).
 @pytest.mark.parametrize("voxel, bar", [((1.0, 1.0, 1.0), 6.0), ((0.9375, 0.9375, 2.5), 18.0)])
 def test_vsharp_removes_harmonic_background(voxel, bar):
     shape = tuple(int(120 / v) for v in voxel)
@@ -129,3 +129,59 @@ def test_background_scenes(case, method):
     print(f"{name} {method}: NRMSE {err:.1f}% residual background {residual:.1f}% {info}")
     assert residual < RESIDUAL_BAR[method], f"{name} {method}: residual background {residual:.1f}%"
     assert err < NRMSE_BAR[method], f"{name} {method}: NRMSE {err:.1f}%"
+
+
+@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp"])
+def test_bad_input(method):
+    from qsmkit.errors import QSMInputError
+
+    func = background.BACKGROUND.get(method).func
+    voxel = (2.0, 2.0, 2.0)
+    shape = (40, 40, 40)
+    mask = ball(shape, voxel, (0, 0, 0), 28)
+    field = dipole.forward_field((9.4 * ball(shape, voxel, (0, 0, 34), 4)).astype(np.float32),
+                                 voxel, (0, 0, 1), pad=20)
+    with pytest.raises(QSMInputError, match="mask is empty"):
+        func(field, np.zeros(shape, bool), voxel, (0, 0, 1))
+    with pytest.raises(QSMInputError, match=r"mask shape \(40, 40, 39\) does not match"):
+        func(field, mask[:, :, :-1], voxel, (0, 0, 1))
+    bad = field.copy()
+    bad[20, 20, 20] = np.nan
+    with pytest.raises(QSMInputError, match="1 NaN/Inf voxels inside the mask"):
+        func(bad, mask, voxel, (0, 0, 1))
+    # NaN outside the mask is ignored: the same result as the field set to 0 there
+    outside = field.copy()
+    outside[~mask] = np.nan
+    a, _, _ = func(outside, mask, voxel, (0, 0, 1))
+    b, _, _ = func(np.where(mask, field, 0), mask, voxel, (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    if method == "pdf":
+        with pytest.raises(QSMInputError, match="weights shape"):
+            func(field, mask, voxel, (0, 0, 1), weights=np.ones((4, 4, 4)))
+        with pytest.raises(QSMInputError, match="weights are zero"):
+            func(field, mask, voxel, (0, 0, 1), weights=np.zeros(shape))
+
+
+def test_pdf_weights_follow_noise():
+    """With noise that is 10x stronger in half the brain, weighting by 1/SD fits the background
+    to the clean half and gives a better local field than the unweighted fit."""
+    voxel = (2.0, 2.0, 2.0)
+    shape = (64, 64, 64)
+    mask = ball(shape, voxel, (0, 0, 0), 40)
+    local_chi = np.where(ball(shape, voxel, (8, 0, 0), 10), 0.1, 0).astype(np.float32)
+    local = dipole.forward_field(np.where(mask, local_chi - local_chi[mask].mean(), 0)
+                                 .astype(np.float32), voxel, (0, 0, 1), pad=32)
+    air = ndimage.gaussian_filter(9.4 * ball(shape, voxel, (0, 0, 52), 8).astype(np.float32), 1)
+    bg = dipole.forward_field(np.where(mask, 0, air).astype(np.float32), voxel, (0, 0, 1), pad=32)
+    sd = np.where(np.arange(shape[0])[:, None, None] < shape[0] // 2, 0.002, 0.02) * np.ones(shape)
+    noisy = local + bg + np.random.default_rng(0).normal(0, 1, shape) * sd
+    clean = mask & (sd < 0.01)
+    plain, _, _ = background.pdf(noisy, mask, voxel, (0, 0, 1))
+    weighted, _, info = background.pdf(noisy, mask, voxel, (0, 0, 1), weights=1 / sd)
+    assert info["weighted"]
+    # noise is not background: the ideal output is local + noise; what differs is the fitted
+    # background, which the noisy half drags off in the unweighted fit
+    target = noisy - bg
+    e_plain = metrics.nrmse(plain, target, clean)
+    e_weighted = metrics.nrmse(weighted, target, clean)
+    assert e_weighted < 0.8 * e_plain, (e_weighted, e_plain)

@@ -94,9 +94,8 @@ def vsharp(field, mask, voxel_size, b0_dir=None, weights=None, radii_mm=None, ts
     new_mask : the mask eroded by the smallest radius (where ``local`` is valid).
     info : dict with the radii used.
     """
-    xp = get_array_module(field)
-    f = xp.asarray(field, dtype=backend.FLOAT)
-    m = xp.asarray(mask).astype(backend.FLOAT)
+    xp, f, m, _ = check_inputs(field, mask)
+    m = m.astype(backend.FLOAT)
     radii = sorted(radii_mm or default_radii(voxel_size), reverse=True)
     big = padded_shape(f.shape, [int(np.ceil(radii[0] / v)) + 1 for v in voxel_size])
     fm = f * m

@@ -105,9 +105,10 @@ def load_head_model(folder, block=2, crop=None, pad=None) -> HeadModel:
     import nibabel as nib
 
     folder = Path(folder)
-    seg = np.asarray(nib.load(str(folder / "SegmentedModel.nii.gz")).dataobj).astype(np.int16)
+    seg_img = nib.load(str(folder / "SegmentedModel.nii.gz"))
+    seg = np.asarray(seg_img.dataobj).astype(np.int16)
     brain = np.asarray(nib.load(str(folder / "BrainMask.nii.gz")).dataobj) > 0.5
-    vox0 = tuple(round(float(v), 6) for v in nib.load(str(folder / "SegmentedModel.nii.gz")).header.get_zooms()[:3])
+    vox0 = tuple(round(float(v), 6) for v in seg_img.header.get_zooms()[:3])
     table = read_chiref(folder / "SusceptibilityValues.mat")
     air = next(v for _, (name, v) in table.items() if name.lower() == "air")
     lut = np.zeros(max(table) + 1, dtype=np.float32)
