@@ -185,3 +185,12 @@ def test_pdf_weights_follow_noise():
     e_plain = metrics.nrmse(plain, target, clean)
     e_weighted = metrics.nrmse(weighted, target, clean)
     assert e_weighted < 0.8 * e_plain, (e_weighted, e_plain)
+
+
+def test_pdf_padding_only_where_the_mask_nears_the_border():
+    voxel = (1.0, 1.0, 2.5)
+    mask = np.zeros((100, 100, 40), bool)
+    mask[30:70, 5:95, 2:30] = True  # 30 mm from the x borders, 5 mm in y, 5 mm below in z
+    # 12 mm margin: x needs none, y 12 - 5 = 7 voxels, z ceil(12 / 2.5) - 2 = 3 slices
+    assert background.default_pdf_pad(mask, voxel) == [0, 7, 3]
+    assert background.default_pdf_pad(mask, voxel, margin_mm=40) == [10, 35, 14]
