@@ -1,6 +1,7 @@
 """Every ``qsmkit`` command on a small simulated phantom, through the real console entry point
 (``qsmkit.cli.main``), plus the bad-input contract: one-line error, exit status 2, no output."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -168,6 +169,12 @@ def test_demo_small(tmp_path, capsys):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "stage,method,seconds,metric,value" and len(rows) > 10
     assert (out / "chi.nii.gz").exists() and (out / "inputs" / "chi_true.nii.gz").exists()
+    # the deep gray matter table: the truth column is the phantom's published values vs CSF
+    table = list(csv.DictReader((out / "roi_stats.csv").open()))
+    truth = {r["structure"]: float(r["truth chi - csf (ppb)"]) for r in table}
+    for name in ("globus_pallidus", "substantia_nigra", "dentate", "caudate"):
+        lab = next(k for k, v in LABELS.items() if v == name)
+        assert truth[name] == pytest.approx(1000 * (CHI_PPM[lab] - CHI_PPM[1]), abs=0.05)
 
 
 # ------------------------------------------------------------------ bad input

@@ -370,22 +370,67 @@ def cmd_stats(args):
     from . import stats
 
     chi = io.load_volume(args.chi, what="chi map")
-    labels = io.load_volume(args.labels, what="label map")
-    io.check_same_grid(chi, labels, "chi map", "label map")
-    check_outputs([args.out], [args.chi, args.labels])
-    names = stats.read_label_names(args.label_names) if args.label_names else {}
-    rows = stats.roi_table(chi.data, np.rint(labels.data).astype(int), chi.voxel_size, names,
-                           args.reference)
-    tmp = args.out + ".tmp"
-    try:
-        stats.write_table(rows, tmp, delimiter="\t" if args.out.endswith(".tsv") else ",")
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if chi.data.ndim != 3:
+        raise QSMInputError(f"chi map must be 3-D, got shape {chi.data.shape}", args.chi)
+    io.require_finite(chi.data, args.chi, "chi map")
+    base = io.image_stem(args.out)
+    # beside the table: a JSON sidecar (parameters and rows) unless the table is JSON itself,
+    # and the bar chart; a cohort table being appended to gets neither
+    meta_path = None if args.append or args.out.endswith(".json") else base + ".json"
+    png_path = None if args.append or args.no_plot else base + ".png"
+    extra_outputs = [p for p in (meta_path, png_path) if p]
+    check_outputs([args.out, *extra_outputs], [args.chi, args.labels, args.label_names])
+    if args.labels.endswith(".seg.nrrd"):
+        regions, affine = stats.read_segmentation(args.labels)
+        shape = regions[0].mask.shape
+    else:
+        lab = io.load_volume(args.labels, what="label map")
+        if lab.data.ndim != 3:
+            raise QSMInputError(f"label map must be 3-D, got shape {lab.data.shape}", args.labels)
+        labels = np.rint(lab.data).astype(np.int64)
+        names = stats.read_label_names(args.label_names) if args.label_names else {}
+        regions, affine, shape = None, lab.affine, labels.shape
+    if not geometry.same_grid(chi.affine, chi.shape3, affine, shape):
+        if not args.resample:
+            raise QSMInputError(f"labels {shape} are not on the chi map's grid {chi.shape3}; give "
+                                "--resample to resample them (nearest neighbour)", args.labels)
+        resampled = []
+        for r in (regions or [stats.Region(0, "", labels)]):
+            data, inside = stats.resample_nearest(r.mask if regions else labels, affine,
+                                                  chi.shape3, chi.affine)
+            resampled.append(stats.Region(r.label, r.name, data))
+        if inside == 0 or not any(r.mask.any() for r in resampled):
+            raise QSMInputError("labels and chi map do not overlap in space", args.labels)
+        print(f"qsmkit: warning: {args.labels}: labels resampled (nearest neighbour) onto the chi "
+              f"grid; {100 * inside:.0f} % of chi voxels lie inside the label grid", file=sys.stderr)
+        if regions:
+            regions = resampled
+        else:
+            labels = resampled[0].mask
+    if regions is None:
+        regions = stats.regions_from_label_map(labels, names)
+    subject = args.subject if (args.subject or args.append) else None
+    if args.append and subject is None:
+        subject = io.image_stem(os.path.basename(args.chi))
+    rows = stats.roi_table(chi.data, regions, chi.voxel_size, reference=args.reference,
+                           erode_mm=args.erode)
+    stats.write_table(rows, args.out, subject=subject, append=args.append)
+    ref = stats.resolve_reference(args.reference, regions)
+    ref_name = next((r.name for r in regions if r.label == ref), None)
+    if meta_path:
+        meta = sidecar(extra={"stage": "stats", "units": "ppm", "rows": rows,
+                              "parameters": {"reference": args.reference, "reference_name": ref_name,
+                                             "erode_mm": args.erode, "resample": args.resample,
+                                             "subject": subject},
+                              "inputs": {"chi": args.chi, "labels": args.labels,
+                                         "label_names": args.label_names}})
+        io.write_json(meta_path, meta)
+    if png_path:
+        stats.plot_referenced_means(rows, png_path, ref_name, title=os.path.basename(args.chi))
     if not args.quiet:
+        print(f"{'label':>5} {'name':<24} {'voxels':>8} {'mean':>9} {'mean_ref':>9}  (ppm)")
         for r in rows:
-            print(f"{r['label']:>4} {r['name']:<20} {r['voxels']:>8} {r['mean']:>9.4f} "
+            print(f"{r['label']:>5} {r['name']:<24} {r['voxels']:>8} {r['mean']:>9.4f} "
                   f"{r['mean_ref']:>9.4f}")
 
 
@@ -523,9 +568,21 @@ def build_parser():
     p = sub.add_parser("stats", help="chi statistics per label, referenced")
     p.add_argument("--chi", required=True)
     p.add_argument("--labels", required=True)
-    p.add_argument("--label-names", help="table of 'index name' rows (TSV/CSV)")
+    p.add_argument("--label-names", help="label names: FreeSurfer LUT, ITK-SNAP label file, "
+                                            "CSV or BIDS dseg.tsv")
     p.add_argument("--reference", help="reference region: label index or name (e.g. csf)")
-    p.add_argument("--out", required=True, help="CSV (or .tsv)")
+    p.add_argument("--erode", type=float, default=0.0, metavar="MM",
+                   help="erode every region (reference included) by this many mm first")
+    p.add_argument("--resample", action="store_true",
+                   help="resample labels on another grid onto the chi grid (nearest neighbour)")
+    p.add_argument("--out", required=True,
+                   help="table: .csv, .tsv or .json (also writes OUT.json with the parameters "
+                        "and OUT.png, a bar chart, unless --append)")
+    p.add_argument("--subject", help="add a leading subject column (cohort tables, long format)")
+    p.add_argument("--append", action="store_true",
+                   help="append rows to an existing cohort table (subject defaults to the chi "
+                        "file name)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG bar chart")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stats)
     return parser

@@ -55,6 +55,21 @@ def stage_metrics(ph, res, chi_from_true_field, te):
     return rows
 
 
+def deep_gray_table(ph, maps):
+    """Mean chi relative to CSF (ventricles) in the deep gray nuclei, ppb, one column per map:
+    the table QSM studies publish, for the truth and the reconstructions side by side."""
+    from . import stats
+    from .simulate import DEEP_GRAY, LABEL_IDS
+
+    keep = [LABEL_IDS[n] for n in (*DEEP_GRAY, "csf")]
+    labels = np.where(np.isin(ph.labels, keep), ph.labels, 0)
+    columns = {}
+    for title, chi in maps.items():
+        rows = stats.roi_table(chi, labels, ph.voxel_size, ph.label_names, reference="csf")
+        columns[title] = {r["name"]: 1000 * r["mean_ref"] for r in rows}
+    return [(name, *(columns[t][name] for t in maps)) for name in DEEP_GRAY]
+
+
 def overview_png(path, ph, acq, res):
     """One axial slice through the deep gray nuclei of every stage, plus a coronal view of chi."""
     import matplotlib
@@ -147,8 +162,17 @@ def run_demo(out, shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), seed=0
                             for r in rows], "simulation_seconds": t_sim,
                    "total_seconds": time.perf_counter() - t_start, **meta})
     overview_png(os.path.join(out, "overview.png"), ph, acq, res)
+    titles = ("truth", "pipeline", "from true local field")
+    roi = deep_gray_table(ph, dict(zip(titles, (ph.chi_brain, res.chi, chi_t))))
+    with open(os.path.join(out, "roi_stats.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["structure", *(f"{t} chi - csf (ppb)" for t in titles)])
+        w.writerows([[r[0], *(f"{v:.1f}" for v in r[1:])] for r in roi])
     if not quiet:
         print(format_table(rows))
+        print(f"\n{'chi - CSF (ppb)':<20}" + "".join(f"{t:>24}" for t in titles))
+        for r in roi:
+            print(f"{r[0]:<20}" + "".join(f"{v:>24.1f}" for v in r[1:]))
         print(f"simulation {t_sim:.1f} s; demo total {time.perf_counter() - t_start:.1f} s; "
-              f"outputs in {out}/ (overview.png, metrics.csv, chi.nii.gz, ...)")
+              f"outputs in {out}/ (overview.png, metrics.csv, roi_stats.csv, chi.nii.gz, ...)")
     return rows

@@ -290,7 +290,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str, writer) -> str:
+def atomic_write(path: str, writer) -> str:
     """Run ``writer(tmp_path)`` then rename over ``path``; on failure leave nothing behind."""
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -352,7 +352,7 @@ def write_json(path, obj) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(os.fspath(path), writer)
+    atomic_write(os.fspath(path), writer)
 
 
 def _nifti_writer(data: np.ndarray, affine: np.ndarray):
@@ -435,7 +435,7 @@ def save_volume(path, data, affine, *, sidecar: dict | None = None, dtype=np.flo
     if sidecar_path(path) == path and sidecar is not None:
         raise QSMInputError("cannot write: image path and JSON sidecar path coincide", path=path)
     writer = _nifti_writer(out, affine) if _is_nifti(path) else _sitk_writer(path, out, affine)
-    _atomic_write(path, writer)
+    atomic_write(path, writer)
     if sidecar is not None:
         write_json(sidecar_path(path), sidecar)
     return path
