@@ -23,7 +23,6 @@ def test_head_model_means_equal_chiref():
     """chi built from chiref per label: every label's mean is its chiref, SD 0, and values
     referenced to CSF are chiref - chiref(CSF)."""
     from conftest import shared
-
     from qsmkit.headmodel import read_chiref
 
     folder = shared("head-model")
