@@ -203,27 +203,7 @@ def write_simulation(out, ph, acq, params):
 
 def _read_inputs(args):
     """Magnitude and phase (one 4-D file or one file per echo), checked, with TE and B0."""
-    mag = io.load_echoes(args.magnitude, what="magnitude")
-    pha = io.load_echoes(args.phase, what="phase")
-    io.check_same_grid(mag, pha, "magnitude", "phase")
-    if mag.data.shape != pha.data.shape:
-        raise QSMInputError(f"{args.magnitude[0]}: magnitude shape {mag.data.shape} does not match "
-                            f"phase shape {pha.data.shape} ({args.phase[0]})")
-    io.require_finite(mag.data, args.magnitude[0], "magnitude")
-    io.require_finite(pha.data, args.phase[0], "phase")
-    n_echoes = 1 if pha.data.ndim == 3 else pha.data.shape[3]
-    te = args.te if args.te is not None else pha.meta.get("EchoTime")
-    if te is None:
-        raise QSMInputError(f"{args.phase[0]}: missing echo time; give --te SECONDS (one per echo)")
-    te = list(np.atleast_1d(te).astype(float))
-    if len(te) != n_echoes:
-        raise QSMInputError(f"{args.phase[0]}: {n_echoes} echo(es) but {len(te)} echo time(s) given")
-    units.check_positive("--te", te)
-    b0 = args.b0 if args.b0 is not None else pha.meta.get("MagneticFieldStrength")
-    if b0 is None:
-        raise QSMInputError(f"{args.phase[0]}: missing field strength; give --b0 TESLA")
-    units.check_positive("--b0", b0)
-    return mag, pha, te, float(b0)
+    return io.load_gre(args.magnitude, args.phase, args.te, args.b0)
 
 
 def _config(args):
@@ -434,6 +414,35 @@ def cmd_stats(args):
                   f"{r['mean_ref']:>9.4f}")
 
 
+def cmd_batch(args):
+    from .batch import run_batch
+
+    config = {"masking": args.masking, "unwrapping": args.unwrapping, "background": args.background,
+              "inversion": args.inversion, "device": backend.resolve_device(args.device),
+              "masking_params": parse_params(args.masking_param),
+              "unwrapping_params": parse_params(args.unwrapping_param),
+              "background_params": parse_params(args.background_param),
+              "inversion_params": parse_params(args.inversion_param)}
+    if args.workers is not None and args.workers < 1:
+        raise QSMInputError(f"--workers must be at least 1, got {args.workers}")
+    summary = run_batch(args.bids_dir, args.out, args.participant_label, args.session_label,
+                        config, workers=args.workers, memory_limit=args.memory_limit,
+                        scheduler=args.scheduler, force=args.force, reference=args.reference,
+                        progress=not args.quiet)
+    for key in summary["failed"]:
+        print(f"qsmkit: failed: {key}: {summary['errors'][key]}", file=sys.stderr)
+    if not args.quiet:
+        print(f"{len(summary['done'])} done, {len(summary['skipped'])} already complete, "
+              f"{len(summary['failed'])} failed; derivatives in {summary['out']}"
+              + (f"; cohort table {summary['group_table']}" if summary["group_table"] else ""))
+    if summary["failed"]:
+        raise PartialFailure()
+
+
+class PartialFailure(Exception):
+    """Some subjects of a batch failed (exit status 1); the others completed."""
+
+
 def cmd_demo(args):
     from . import demo
 
@@ -565,6 +574,25 @@ def build_parser():
     _add_common(p)
     p.set_defaults(func=cmd_invert)
 
+    p = sub.add_parser("batch", help="a BIDS dataset: every subject on Dask workers, derivatives "
+                                     "and a cohort table; exit 1 if some subjects failed")
+    p.add_argument("bids_dir")
+    p.add_argument("--out", help="derivatives folder (default BIDS_DIR/derivatives/qsmkit)")
+    p.add_argument("--participant-label", nargs="+", metavar="LABEL", help="subjects to process")
+    p.add_argument("--session-label", nargs="+", metavar="LABEL", help="sessions to process")
+    p.add_argument("--workers", type=int, help="local worker processes (default: cores / 2)")
+    p.add_argument("--memory-limit", default="auto", help="per local worker, e.g. 4GB")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="an existing Dask scheduler, e.g. tcp://host:8786 (dask-jobqueue on SLURM)")
+    p.add_argument("--force", action="store_true", help="redo subjects whose outputs are complete")
+    p.add_argument("--reference", help="reference region for the ROI statistics (e.g. csf)")
+    for stage, reg in (("masking", MASKING), ("unwrapping", UNWRAPPING), ("background", BACKGROUND),
+                       ("inversion", INVERSION)):
+        p.add_argument(f"--{stage}", default="auto", choices=reg.choices())
+        p.add_argument(f"--{stage}-param", action="append", metavar="KEY=VALUE")
+    _add_common(p)
+    p.set_defaults(func=cmd_batch)
+
     p = sub.add_parser("stats", help="chi statistics per label, referenced")
     p.add_argument("--chi", required=True)
     p.add_argument("--labels", required=True)
@@ -595,6 +623,8 @@ def main(argv=None) -> int:
     except QSMInputError as err:
         print(f"qsmkit: error: {err}", file=sys.stderr)
         return 2
+    except PartialFailure:
+        return 1
     except MemoryError:
         print("qsmkit: error: out of memory (try a smaller volume or --device cpu)",
               file=sys.stderr)

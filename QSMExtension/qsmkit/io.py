@@ -527,3 +527,34 @@ __all__ = [
     "check_same_grid",
     "load_echoes",
 ]
+
+
+def load_gre(magnitude_paths, phase_paths, te=None, b0=None):
+    """A gradient-echo acquisition: magnitude and phase (one 4-D file or one file per echo),
+    checked against each other, with the echo times (s) and field strength (T) given or read
+    from the dcm2niix/BIDS JSON sidecars (``EchoTime``, ``MagneticFieldStrength``).
+
+    Returns (magnitude Volume, phase Volume, te list, b0)."""
+    from . import units
+
+    mag = load_echoes(magnitude_paths, what="magnitude")
+    pha = load_echoes(phase_paths, what="phase")
+    check_same_grid(mag, pha, "magnitude", "phase")
+    if mag.data.shape != pha.data.shape:
+        raise QSMInputError(f"{magnitude_paths[0]}: magnitude shape {mag.data.shape} does not "
+                            f"match phase shape {pha.data.shape} ({phase_paths[0]})")
+    require_finite(mag.data, magnitude_paths[0], "magnitude")
+    require_finite(pha.data, phase_paths[0], "phase")
+    n_echoes = 1 if pha.data.ndim == 3 else pha.data.shape[3]
+    te = te if te is not None else pha.meta.get("EchoTime")
+    if te is None:
+        raise QSMInputError(f"{phase_paths[0]}: missing echo time; give --te SECONDS (one per echo)")
+    te = list(np.atleast_1d(te).astype(float))
+    if len(te) != n_echoes:
+        raise QSMInputError(f"{phase_paths[0]}: {n_echoes} echo(es) but {len(te)} echo time(s) given")
+    units.check_positive("--te", te)
+    b0 = b0 if b0 is not None else pha.meta.get("MagneticFieldStrength")
+    if b0 is None:
+        raise QSMInputError(f"{phase_paths[0]}: missing field strength; give --b0 TESLA")
+    units.check_positive("--b0", b0)
+    return mag, pha, te, float(b0)
