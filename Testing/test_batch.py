@@ -98,11 +98,32 @@ def test_batch_on_existing_cluster(bids, tmp_path):
     out = tmp_path / "deriv"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster:
-        assert main(["batch", str(bids), "--out", str(out), "--participant-label", "01", "02",
-                     "--scheduler", cluster.scheduler_address, "--quiet"]) == 0
-    summary = json.loads((out / "batch_summary.json").read_text())
-    assert summary["done"] == ["sub-01", "sub-02"] and summary["failed"] == []
-    assert len(list(out.rglob("*_Chimap.nii.gz"))) == 2
+        args = ["batch", str(bids), "--out", str(out), "--participant-label", "01", "02",
+                "--scheduler", cluster.scheduler_address, "--quiet"]
+        assert main(args) == 0
+        summary = json.loads((out / "batch_summary.json").read_text())
+        assert summary["done"] == ["sub-01", "sub-02"] and summary["failed"] == []
+        assert len(list(out.rglob("*_Chimap.nii.gz"))) == 2
+        assert main([*args, "--force"]) == 0  # complete, but redone on request
+        summary = json.loads((out / "batch_summary.json").read_text())
+        assert summary["done"] == ["sub-01", "sub-02"] and summary["skipped"] == []
+
+
+def test_find_multi_echo_and_sessions(tmp_path):
+    anat = tmp_path / "sub-7" / "ses-pre" / "anat"
+    anat.mkdir(parents=True)
+    for echo in (3, 1, 2):
+        for part in ("mag", "phase"):
+            (anat / f"sub-7_ses-pre_echo-{echo}_part-{part}_MEGRE.nii.gz").write_bytes(b"")
+    (anat / "sub-7_ses-pre_dseg.nii.gz").write_bytes(b"")
+    (s,) = find_subjects(tmp_path)
+    assert s.key == "sub-7_ses-pre" and s.session == "pre"
+    assert [p.split("_")[2] for p in s.magnitude] == ["echo-1", "echo-2", "echo-3"]
+    assert [p.split("_")[2] for p in s.phase] == ["echo-1", "echo-2", "echo-3"]
+    assert s.labels.endswith("_dseg.nii.gz") and s.label_names is None
+    assert output_paths(tmp_path / "d", s)["chi"].endswith(
+        "sub-7/ses-pre/anat/sub-7_ses-pre_Chimap.nii.gz")
+    assert find_subjects(tmp_path, sessions=["post"]) == []
 
 
 def test_batch_bad_folder(tmp_path, capsys):

@@ -80,12 +80,13 @@ def find_subjects(root, participants=None, sessions=None) -> list:
     subjects = []
     for group, parts in sorted(groups.items()):
         ent = dict(group[:-1])
-        key = "_".join(f"{k}-{v}" for k, v in group[:-1] if k in ("sub", "ses", "acq", "run"))
+        # BIDS entity order, not alphabetical
+        key = "_".join(f"{k}-{ent[k]}" for k in ("sub", "ses", "acq", "rec", "run") if k in ent)
         s = Subject(key=key, subject=ent["sub"], session=ent.get("ses"),
                     magnitude=[p for _, p in sorted(parts.get("mag", []))],
                     phase=[p for _, p in sorted(parts.get("phase", []))])
         anat = Path((s.phase or s.magnitude)[0]).parent
-        prefix = "_".join(f"{k}-{v}" for k, v in group[:-1] if k in ("sub", "ses"))
+        prefix = "_".join(f"{k}-{ent[k]}" for k in ("sub", "ses") if k in ent)
         dseg = sorted(anat.glob(f"{prefix}*_dseg.nii*"))
         if dseg:
             s.labels = str(dseg[0])
