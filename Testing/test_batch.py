@@ -118,8 +118,8 @@ def test_find_multi_echo_and_sessions(tmp_path):
     (anat / "sub-7_ses-pre_dseg.nii.gz").write_bytes(b"")
     (s,) = find_subjects(tmp_path)
     assert s.key == "sub-7_ses-pre" and s.session == "pre"
-    assert [p.split("_")[2] for p in s.magnitude] == ["echo-1", "echo-2", "echo-3"]
-    assert [p.split("_")[2] for p in s.phase] == ["echo-1", "echo-2", "echo-3"]
+    assert [os.path.basename(p).split("_")[2] for p in s.magnitude] == ["echo-1", "echo-2", "echo-3"]
+    assert [os.path.basename(p).split("_")[2] for p in s.phase] == ["echo-1", "echo-2", "echo-3"]
     assert s.labels.endswith("_dseg.nii.gz") and s.label_names is None
     assert output_paths(tmp_path / "d", s)["chi"].endswith(
         "sub-7/ses-pre/anat/sub-7_ses-pre_Chimap.nii.gz")
