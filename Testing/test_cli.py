@@ -247,15 +247,20 @@ def test_non_positive_te_b0(sim, tmp_path, capsys, flag, value):
          capsys, [out], "positive")
 
 
-def test_geometry_mismatch_mask(sim, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["invert", "background"])
+def test_geometry_mismatch_mask(sim, tmp_path, capsys, command):
     img = nib.load(str(sim / "mask_true.nii.gz"))
     moved = tmp_path / "moved.nii.gz"
     aff = img.affine.copy()
     aff[0, 3] += 10
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), str(moved))
-    out = tmp_path / "chi.nii.gz"
-    _bad(["invert", "--field", str(sim / "field_local_true.nii.gz"), "--mask", str(moved),
+    out = tmp_path / "out.nii.gz"
+    _bad([command, "--field", str(sim / "field_local_true.nii.gz"), "--mask", str(moved),
           "--out", str(out)], capsys, [out], "moved.nii.gz")
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(empty))
+    _bad([command, "--field", str(sim / "field_local_true.nii.gz"), "--mask", str(empty),
+          "--out", str(out)], capsys, [out], "empty.nii.gz: mask is empty")
 
 
 def test_unknown_units_is_one_line(sim, tmp_path, capsys):
