@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,7 +68,12 @@ class PipelineResult:
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
+    """Peak resident memory of this process so far (MB); NaN where the platform cannot say
+    (Windows has no ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
 

@@ -1,0 +1,297 @@
+"""The QSM modules' Qt-free machinery (QSMExtension/QSM/QSMLib): the background ``qsmkit``
+process (progress, log, cancel) and qsmkit commands on MRML nodes (slicer-core), whose outputs
+must equal the ``qsmkit`` command line on the same data exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsmkit import cli, io
+from qsmkit import slicer_adapter as sa
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "QSMExtension" / "QSM"))
+
+from QSMLib import jobs  # noqa: E402
+from QSMLib.process import QsmkitProcess, parse_progress, qsmkit_environment  # noqa: E402
+
+# ---------------------------------------------------------------- progress and the process
+
+def test_parse_progress_of_tqdm_lines():
+    assert parse_progress("qsmkit run:   0%|          | 0/4 [00:00<?, ?stage/s]") == (0.0, None)
+    assert parse_progress("qsmkit run:   0%|          | 0/4 [00:00<?, ?stage/s, mask]") == (0.0, "mask")
+    assert parse_progress("qsmkit run:  50%|\u2588\u2588\u2588\u2588\u2588     | 2/4 "
+                          "[00:00<00:00, 36.42stage/s, background]") == (0.5, "background")
+    assert parse_progress("unwrap: 100%|##########| 3/3 [00:01<00:00,  2.1echo/s]") == (1.0, None)
+    assert parse_progress("stage       method        seconds   peak MB") is None
+    assert parse_progress("qsmkit: error: phase.nii.gz: missing echo time") is None
+
+
+def python_script(tmp_path, code):
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(code))
+    return [sys.executable, str(path)]
+
+
+def test_process_output_progress_and_failure(tmp_path):
+    argv = python_script(tmp_path, """
+        import sys, time
+        print("hello")
+        for i in range(3):
+            sys.stderr.write(f"\\rjob: {i * 50}%|#  | {i}/2 [00:00<00:00, 1.0it/s, step{i}]")
+            sys.stderr.flush()
+        sys.stderr.write("\\n")
+        print("qsmkit: error: data.nii.gz: something is wrong", file=sys.stderr)
+        sys.exit(2)
+    """)
+    seen = []
+    proc = QsmkitProcess(argv, on_line=seen.append,
+                         on_progress=lambda f, s: seen.append((f, s))).start()
+    assert proc.wait(timeout=30) == 2
+    assert proc.returncode == 2 and not proc.running and not proc.cancelled
+    assert "hello" in proc.log and (0.5, "step1") in seen and (1.0, "step2") in seen
+    assert proc.progress == 1.0 and proc.stage == "step2"
+    assert proc.error_message() == "data.nii.gz: something is wrong"
+    assert proc.seconds is not None and proc.seconds < 30
+
+
+def test_cancel_kills_the_process_and_its_children(tmp_path):
+    argv = python_script(tmp_path, """
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print("child", child.pid, flush=True)
+        time.sleep(60)
+    """)
+    proc = QsmkitProcess(argv).start()
+    deadline = time.monotonic() + 20
+    while not any(line.startswith("child") for line in proc.log):
+        assert proc.poll() and time.monotonic() < deadline
+        time.sleep(0.02)
+    child = int(next(line for line in proc.log if line.startswith("child")).split()[1])
+    t0 = time.monotonic()
+    proc.cancel()
+    assert time.monotonic() - t0 < 5
+    assert proc.cancelled and proc.returncode is not None and proc.returncode != 0
+    assert not proc.poll() and proc.error_message() == "cancelled"
+    for _ in range(100):  # the child is gone too (reaped by init once its parent died)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the child process survived cancel")
+
+
+def test_wait_timeout_cancels(tmp_path):
+    proc = QsmkitProcess(python_script(tmp_path, "import time; time.sleep(60)")).start()
+    with pytest.raises(TimeoutError):
+        proc.wait(timeout=0.3)
+    assert proc.cancelled and proc.returncode is not None
+
+
+def test_environment_puts_qsmkit_first():
+    env = qsmkit_environment("/opt/qsm", {"PYTHONPATH": "/a" + os.pathsep + "/opt/qsm"})
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/opt/qsm", "/a"]
+    assert env["PYTHONIOENCODING"] == "utf-8"
+    assert jobs.qsmkit_parent() == str(REPO / "QSMExtension")
+
+
+# ---------------------------------------------------------------- parameters and requirements
+
+def test_echo_times_and_method_parameters():
+    assert jobs.parse_echo_times_ms("20") == [0.02]
+    assert jobs.parse_echo_times_ms("5, 10.5;15") == pytest.approx([0.005, 0.0105, 0.015])
+    assert jobs.parse_echo_times_ms(20) == [0.02]
+    for bad in ("", "abc", "0", "-5, 10"):
+        with pytest.raises(ValueError):
+            jobs.parse_echo_times_ms(bad)
+    assert jobs.param_args("lam=0.05  max_iter=10;radii_mm=12,10") == [
+        "lam=0.05", "max_iter=10", "radii_mm=12,10"]
+    assert jobs.param_args({"lam": 0.1, "radii_mm": [12, 10]}) == ["lam=0.1", "radii_mm=12,10"]
+    assert jobs.param_args("") == [] and jobs.param_args(None) == []
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        jobs.param_args("lam 0.1")
+
+
+def test_requirements_cover_the_package_dependencies():
+    tomllib = pytest.importorskip("tomllib", reason="needs Python >= 3.11 to read pyproject.toml")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = {jobs.requirement_name(d).lower() for d in project["dependencies"]}
+    listed = {jobs.requirement_name(r).lower() for r in jobs.read_requirements()}
+    assert needed <= listed, f"add to QSM/Resources/requirements.txt: {sorted(needed - listed)}"
+    assert jobs.missing_requirements() == []  # this environment has them all
+    assert jobs.missing_requirements(["surely-not-a-package-qsm>=1", "numpy"]) == [
+        "surely-not-a-package-qsm>=1"]
+
+
+# ---------------------------------------------------------------- jobs on MRML nodes
+
+@pytest.fixture
+def scene():
+    try:
+        import slicer
+    except ImportError as err:
+        pytest.skip(f"needs real MRML from the PyPI package slicer-core (pip install slicer-core): {err}")
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+def simulate(out, *extra):
+    assert cli.main(["simulate", "--out", str(out), "--quiet", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return simulate(tmp_path_factory.mktemp("phantom"), "--shape", "64", "64", "32",
+                    "--voxel-size", "3.75", "3.75", "5")
+
+
+@pytest.fixture(scope="module")
+def oblique_phantom(tmp_path_factory):
+    return simulate(tmp_path_factory.mktemp("oblique"), "--shape", "48", "48", "24",
+                    "--voxel-size", "4", "4", "6", "--b0-dir", "0.25", "-0.2", "1")
+
+
+def node_from_file(scene, path, name, class_name="vtkMRMLScalarVolumeNode"):
+    vol = io.load_volume(path)
+    node = scene.AddNewNodeByClass(class_name, name)
+    sa.update_volume_from_array(node, vol.data, affine=vol.affine)
+    return node
+
+
+def same_as_file(node, path):
+    return np.array_equal(sa.array_from_volume(node), io.load_volume(path).data)
+
+
+@pytest.mark.parametrize("which", ["phantom", "oblique_phantom"])
+def test_pipeline_job_equals_qsmkit_run(scene, tmp_path, request, which):
+    folder = request.getfixturevalue(which)
+    mag = node_from_file(scene, folder / "magnitude.nii.gz", "mag")
+    pha = node_from_file(scene, folder / "phase.nii.gz", "pha")
+    reference = tmp_path / "cli"
+    assert cli.main(["run", "--magnitude", str(folder / "magnitude.nii.gz"),
+                     "--phase", str(folder / "phase.nii.gz"), "--te", "0.02", "--b0", "3",
+                     "--out", str(reference), "--quiet"]) == 0
+    given_chi = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my chi")
+    job = jobs.pipeline_job(mag, pha, [0.02], 3.0, outputs={
+        "chi": given_chi, "mask": None, "field_total": None, "field_local": None,
+        "local_mask": None})
+    workdir = job.workdir
+    progress = []
+    nodes = job.run(scene, timeout=120, on_progress=lambda f, s: progress.append((f, s)))
+    assert not os.path.exists(workdir)  # temporary files removed
+    assert nodes["chi"] is given_chi
+    assert progress[-1] == (1.0, "inversion")
+    for name, node in nodes.items():
+        assert same_as_file(node, reference / f"{name}.nii.gz"), name
+        assert sa.same_geometry(node, pha), name
+        assert node.GetScene() is scene
+    assert nodes["mask"].IsA("vtkMRMLLabelMapVolumeNode")
+    assert nodes["field_local"].GetName() == "pha_field_local"
+
+
+def test_pipeline_job_with_mask_methods_and_params(scene, tmp_path, phantom):
+    mag = node_from_file(scene, phantom / "magnitude.nii.gz", "mag")
+    pha = node_from_file(scene, phantom / "phase.nii.gz", "pha")
+    mask = node_from_file(scene, phantom / "mask_true.nii.gz", "mask", "vtkMRMLLabelMapVolumeNode")
+    reference = tmp_path / "cli"
+    assert cli.main(["run", "--magnitude", str(phantom / "magnitude.nii.gz"),
+                     "--phase", str(phantom / "phase.nii.gz"), "--te", "0.02", "--b0", "3",
+                     "--mask", str(phantom / "mask_true.nii.gz"), "--background", "vsharp",
+                     "--inversion", "tkd", "--inversion-param", "threshold=0.2",
+                     "--out", str(reference), "--quiet"]) == 0
+    job = jobs.pipeline_job(mag, pha, [0.02], 3.0, mask=mask, background="vsharp",
+                            inversion="tkd", params={"inversion": "threshold=0.2", "background": ""})
+    assert "--inversion-param" in job.args and "threshold=0.2" in job.args
+    nodes = job.run(scene, timeout=120)
+    assert list(nodes) == ["chi"]
+    assert same_as_file(nodes["chi"], reference / "chi.nii.gz")
+
+
+def test_job_failure_reports_the_reason_and_cleans_up(scene, phantom):
+    mag = node_from_file(scene, phantom / "magnitude.nii.gz", "mag")
+    pha = node_from_file(scene, phantom / "phase.nii.gz", "pha")
+    job = jobs.pipeline_job(mag, pha, [0.02, 0.03], 3.0)  # two echo times, one echo
+    with pytest.raises(jobs.QsmkitJobError, match="echo"):
+        job.run(scene, timeout=120)
+    assert not os.path.exists(job.workdir)
+    with pytest.raises(ValueError, match="unknown pipeline output"):
+        jobs.pipeline_job(mag, pha, [0.02], 3.0, outputs={"phi": None})
+
+
+def test_job_cancel(scene, phantom):
+    mag = node_from_file(scene, phantom / "magnitude.nii.gz", "mag")
+    pha = node_from_file(scene, phantom / "phase.nii.gz", "pha")
+    job = jobs.pipeline_job(mag, pha, [0.02], 3.0)
+    job.start()
+    job.cancel()
+    assert not os.path.exists(job.workdir)
+    assert job.process.cancelled and job.process.returncode is not None
+    with pytest.raises(jobs.QsmkitJobError, match="cancelled"):
+        job.finish(scene)
+
+
+def test_stage_jobs_equal_the_stage_commands(scene, tmp_path, phantom):
+    mag = node_from_file(scene, phantom / "magnitude.nii.gz", "mag")
+    total = node_from_file(scene, phantom / "field_total_true.nii.gz", "total")
+    true_mask = node_from_file(scene, phantom / "mask_true.nii.gz", "brain",
+                               "vtkMRMLLabelMapVolumeNode")
+    # mask
+    assert cli.main(["mask", "--magnitude", str(phantom / "magnitude.nii.gz"),
+                     "--out", str(tmp_path / "mask.nii.gz"), "--quiet"]) == 0
+    mask = jobs.mask_job(mag).run(scene, timeout=120)["mask"]
+    assert mask.IsA("vtkMRMLLabelMapVolumeNode") and sa.same_geometry(mask, mag)
+    assert same_as_file(mask, tmp_path / "mask.nii.gz")
+    # background removal then inversion, from the true total field
+    assert cli.main(["background", "--field", str(phantom / "field_total_true.nii.gz"),
+                     "--mask", str(phantom / "mask_true.nii.gz"), "--method", "vsharp",
+                     "--out", str(tmp_path / "local.nii.gz")]) == 0
+    local = jobs.background_job(total, true_mask, method="vsharp").run(scene, timeout=120)
+    assert same_as_file(local["field_local"], tmp_path / "local.nii.gz")
+    assert same_as_file(local["local_mask"], tmp_path / "local_mask.nii.gz")
+    assert cli.main(["invert", "--field", str(tmp_path / "local.nii.gz"),
+                     "--mask", str(tmp_path / "local_mask.nii.gz"), "--method", "l2",
+                     "--magnitude", str(phantom / "magnitude.nii.gz"),
+                     "--out", str(tmp_path / "chi.nii.gz")]) == 0
+    chi = jobs.invert_job(local["field_local"], local["local_mask"], magnitude=mag,
+                          method="l2").run(scene, timeout=120)["chi"]
+    assert same_as_file(chi, tmp_path / "chi.nii.gz") and sa.same_geometry(chi, total)
+
+
+def test_acquisition_parameters_from_sidecar_and_dicom(scene, tmp_path, phantom):
+    image = tmp_path / "sub-01_part-phase_GRE.nii.gz"
+    image.write_bytes((phantom / "phase.nii.gz").read_bytes())
+    (tmp_path / "sub-01_part-phase_GRE.json").write_text(
+        json.dumps({"EchoTime": 0.0201, "MagneticFieldStrength": 2.89}))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phase")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(image))
+    assert storage.ReadData(node)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    found = jobs.acquisition_parameters(node)
+    assert found == {"te": [0.0201], "b0": 2.89, "source": "JSON sidecar"}
+    # DICOM: one echo time per item of a multi-echo sequence, in ms in the header
+    header = {("1.2.3", "0018,0081"): "5", ("1.2.4", "0018,0081"): "10.5",
+              ("1.2.3", "0018,0087"): "3", ("1.2.4", "0018,0087"): "3"}
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "echoes")
+    for i, uid in enumerate(("1.2.3", "1.2.4")):
+        item = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"e{i}")
+        item.SetAttribute("DICOM.instanceUIDs", f"{uid} 9.9.9")
+        seq.SetDataNodeAtValue(item, str(i))
+    found = jobs.acquisition_parameters(seq, lambda uid, tag: header.get((uid, tag)))
+    assert found["te"] == pytest.approx([0.005, 0.0105]) and found["b0"] == 3.0
+    assert found["source"] == "DICOM"
+    bare = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "bare")
+    assert jobs.acquisition_parameters(bare) == {"te": None, "b0": None, "source": None}
