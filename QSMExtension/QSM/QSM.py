@@ -51,7 +51,7 @@ except ImportError:  # Slicer before 5.4
 MASKING_CHOICES = ["auto", "threshold"]
 UNWRAPPING_CHOICES = ["auto", "quality", "laplacian"]
 BACKGROUND_CHOICES = ["auto", "pdf", "vsharp", "resharp"]
-INVERSION_CHOICES = ["auto", "l2", "tkd"]
+INVERSION_CHOICES = ["auto", "focuss", "l2", "tkd"]
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
 
 

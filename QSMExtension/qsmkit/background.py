@@ -211,6 +211,7 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
     -------
     local, mask, info (iterations, last relative change, normal-equation residual, padded shape).
     """
+    from . import solvers
     from .dipole import crop_to, dipole_kernel, pad_to
 
     xp, f, m, w = check_inputs(field, mask, weights)
@@ -233,7 +234,7 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
         return backend.irfftn(xf, s=big)
 
     def dot(a, b):
-        return float(xp.vdot(a.ravel(), b.ravel()).real)
+        return solvers.dot(xp, a, b)
 
     # CGNR (Hestenes & Stiefel 1952) keeping neither x nor the background: the local field
     # f - M D O x is updated directly from the search directions, which already live outside

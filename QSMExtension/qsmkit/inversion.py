@@ -8,8 +8,8 @@ magic-angle cone where D(k) = 0. Methods here:
 ``l2``: closed-form gradient-regularised least squares (Bilgic et al., MRM 2014):
 chi = F^-1 [ D* F(delta) / (|D|^2 + lambda |E|^2) ], E_i the k-space symbol of the
 forward difference along axis i (in 1/mm, so lambda does not depend on voxel size).
-FOCUSS-QSM with magnitude prior, the method this project is built around, and
-the iterative baselines come with the inversion issue.
+``focuss``: FOCUSS-QSM with magnitude prior, the method this project is built around and the
+default (``qsmkit.focuss``).
 
 Every method has the signature ``f(field, mask, voxel_size, b0_dir, magnitude=None, **params)``
 and returns ``(chi, info)`` with chi zero outside the mask.
@@ -25,7 +25,7 @@ from .dipole import apply_kernel, dipole_kernel, k_grids, padded_shape
 from .errors import QSMInputError
 from .registry import Registry
 
-INVERSION = Registry("inversion", default="l2")
+INVERSION = Registry("inversion", default="focuss")
 
 
 def default_pad(shape):
@@ -84,3 +84,7 @@ def l2(field, mask, voxel_size, b0_dir, magnitude=None, lam=0.05):
 
     chi = apply_kernel(f, inverse, padded_shape(f.shape, default_pad(f.shape))) * m
     return chi, {"lambda": lam}
+
+
+# FOCUSS registers itself into INVERSION; imported last because it builds on this module.
+from . import focuss  # noqa: E402,F401

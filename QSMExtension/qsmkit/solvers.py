@@ -22,9 +22,10 @@ class SolverInfo:
                 "converged": self.converged}
 
 
-def _dot(xp, a, b):
-    # float64 accumulation: float32 sums over millions of voxels lose the digits CG needs.
-    return float(xp.vdot(a.ravel(), b.ravel()).real.astype("float64"))
+def dot(xp, a, b):
+    """Real inner product accumulated in float64: float32 sums over millions of voxels (BLAS
+    sdot, which vdot uses) lose the digits CG needs."""
+    return float(xp.sum(a * b, dtype=xp.float64))
 
 
 def cg(apply_a, b, x0=None, tol=1e-3, max_iter=100, callback=None):
@@ -46,7 +47,7 @@ def cg(apply_a, b, x0=None, tol=1e-3, max_iter=100, callback=None):
     x, SolverInfo
     """
     xp = get_array_module(b)
-    b_norm = _dot(xp, b, b) ** 0.5
+    b_norm = dot(xp, b, b) ** 0.5
     if b_norm == 0:
         return xp.zeros_like(b), SolverInfo(0, 0.0, True)
     if x0 is None:
@@ -56,18 +57,18 @@ def cg(apply_a, b, x0=None, tol=1e-3, max_iter=100, callback=None):
         x = x0.copy()
         r = b - apply_a(x)
     p = r.copy()
-    rr = _dot(xp, r, r)
+    rr = dot(xp, r, r)
     it = 0
     rel = rr**0.5 / b_norm
     while rel > tol and it < max_iter:
         ap = apply_a(p)
-        pap = _dot(xp, p, ap)
+        pap = dot(xp, p, ap)
         if pap <= 0:  # A is only semi-definite: no further progress along p
             break
         alpha = rr / pap
         x += alpha * p
         r -= alpha * ap
-        rr_new = _dot(xp, r, r)
+        rr_new = dot(xp, r, r)
         p *= rr_new / rr
         p += r
         rr = rr_new
