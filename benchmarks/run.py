@@ -3,7 +3,8 @@
 Each figure stands beside a baseline measured in the same run: the dipole forward model with
 numpy.fft on a plain 2x-padded grid, against our real-FFT scipy.fft path (all cores) on the same padding.
 A second table compares the background-removal methods (``background_removal.py``) on the
-phantom and the head model. Results are also written to bench-output/bench.json. The speed
+phantom and the head model, a third the dipole inversions (``inversion_methods.py``) on the
+phantom and the 2016 challenge data. Results are also written to bench-output/bench.json. The speed
 issue extends this (GPU, whole-brain size, peak memory per stage).
 """
 
@@ -16,6 +17,7 @@ import statistics
 import time
 
 import background_removal
+import inversion_methods
 import numpy as np
 
 from qsmkit import background, dipole, inversion, masking, unwrapping
@@ -46,14 +48,16 @@ def main():
     p.add_argument("--shape", nargs=3, type=int, default=[256, 256, 64])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="bench-output")
-    p.add_argument("--only", choices=["stages", "background"], help="run one table only")
+    p.add_argument("--only", choices=["stages", "background", "inversion"],
+                   help="run one table only")
     a = p.parse_args()
-    rows = [] if a.only == "background" else stage_table(a)
-    bg_rows = [] if a.only == "stages" else background_removal.run(a.repeats)
+    rows = stage_table(a) if a.only in (None, "stages") else []
+    bg_rows = background_removal.run(a.repeats) if a.only in (None, "background") else []
+    inv_rows = inversion_methods.run(a.repeats) if a.only in (None, "inversion") else []
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench.json"), "w") as fh:
         json.dump({"shape": a.shape, "repeats": a.repeats, "rows": rows,
-                   "background_removal": bg_rows}, fh, indent=2)
+                   "background_removal": bg_rows, "inversion": inv_rows}, fh, indent=2)
 
 
 def stage_table(a):
@@ -78,6 +82,8 @@ def stage_table(a):
         ("background: resharp", lambda: background.resharp(total, mask, vs)),
         ("inversion: tkd", lambda: inversion.tkd(local, lmask, vs, b)),
         ("inversion: l2", lambda: inversion.l2(local, lmask, vs, b)),
+        ("inversion: focuss", lambda: inversion.INVERSION.get("focuss").func(
+            local, lmask, vs, b, magnitude=acq.magnitude[..., 0])),
     ]
     rows = []
     base = None
