@@ -129,3 +129,19 @@ def test_find_multi_echo_and_sessions(tmp_path):
 def test_batch_bad_folder(tmp_path, capsys):
     assert main(["batch", str(tmp_path), "--quiet"]) == 2
     assert "no *_part-mag_*" in capsys.readouterr().err
+
+
+def test_failed_subject_leaves_no_partial_derivatives(bids, tmp_path):
+    """A label map on another grid fails after the maps are written: they are removed again."""
+    from qsmkit.batch import process_subject
+
+    s = find_subjects(bids, participants=["01"])[0]
+    img = nib.load(s.labels)
+    moved = tmp_path / "moved_dseg.nii.gz"
+    aff = img.affine.copy()
+    aff[0, 3] += 7
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), str(moved))
+    s.labels, s.label_names = str(moved), None
+    r = process_subject(s, str(tmp_path / "out"), {"device": "cpu"})
+    assert r["status"] == "failed" and "not on the same" in r["error"]
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]

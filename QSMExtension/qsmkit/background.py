@@ -250,7 +250,10 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
         q = conv(p)                       # D O p
         ap = conv(w2 * q)
         ap *= outside                     # O D W^2 M D O p
-        alpha = rr / dot(p, ap)
+        pap = dot(p, ap)
+        if pap <= 0:  # nothing left that outside sources can explain
+            break
+        alpha = rr / pap
         q *= mask_f
         local_big -= backend.FLOAT(alpha) * q
         r -= backend.FLOAT(alpha) * ap

@@ -157,6 +157,7 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
     from .units import rescale_phase
 
     t0 = time.perf_counter()
+    written = []  # removed again if the subject fails: no half set of derivatives
     try:
         if not subject.magnitude or not subject.phase:
             missing = "magnitude" if not subject.magnitude else "phase"
@@ -170,11 +171,12 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
         meta = sidecar(cfg, res.stages, inputs={"magnitude": subject.magnitude,
                                                 "phase": subject.phase, "te": te, "b0": b0},
                        extra={"units": {"chi": "ppm", "field": "ppm"}, "subject": subject.key})
-        # chi last: with every other file in place, its presence marks a finished subject
+        # a subject counts as done when every file exists (``is_complete``); the QC image is last
         for name in ("mask", "field_total", "field_local", "chi"):
             data = getattr(res, name)
-            io.save_volume(paths[name], data, pha.affine, sidecar=meta,
-                           dtype=np.uint8 if data.dtype == bool else np.float32)
+            written.append(io.save_volume(paths[name], data, pha.affine, sidecar=meta,
+                                          dtype=np.uint8 if data.dtype == bool else np.float32))
+            written.append(io.sidecar_path(paths[name]))
         if subject.labels:
             lab = io.load_volume(subject.labels, what="label map")
             io.check_same_grid(pha, lab, "phase", "label map")
@@ -182,16 +184,20 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
             rows = stats.roi_table(res.chi, np.rint(lab.data).astype(np.int64), pha.voxel_size,
                                    names, reference=reference)
             stats.write_table(rows, paths["stats"], subject=subject.key)
+            written.append(paths["stats"])
         qc_png(paths["qc"], combine_magnitude(mag.data), res, subject.key)
         return {"subject": subject.key, "status": "ok", "seconds": time.perf_counter() - t0,
                 "outputs": paths}
-    except QSMInputError as err:
-        return {"subject": subject.key, "status": "failed", "error": str(err),
-                "seconds": time.perf_counter() - t0}
-    except Exception as err:  # a bug or a resource problem: report it, keep the cohort going
-        where = traceback.extract_tb(err.__traceback__)[-1]
-        return {"subject": subject.key, "status": "failed",
-                "error": f"{type(err).__name__}: {err} ({Path(where.filename).name}:{where.lineno})",
+    except Exception as err:  # bad input, or a bug or resource problem: report, keep going
+        for path in written:
+            if path and os.path.exists(path):
+                os.remove(path)
+        if isinstance(err, QSMInputError):
+            reason = str(err)
+        else:
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            reason = f"{type(err).__name__}: {err} ({Path(where.filename).name}:{where.lineno})"
+        return {"subject": subject.key, "status": "failed", "error": reason,
                 "seconds": time.perf_counter() - t0}
 
 
