@@ -32,8 +32,30 @@ _XFORM_SCANNER = 1
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+class VoxelGrid:
+    """Geometry read off ``data`` (voxel axes first) and ``affine`` (voxel to RAS+ mm), shared
+    by every array-with-affine container (files here, Slicer nodes in ``slicer_adapter``)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def shape3(self) -> tuple:
+        """Shape of the three spatial axes."""
+        return tuple(int(n) for n in self.data.shape[:3])
+
+    @property
+    def voxel_size(self) -> np.ndarray:
+        """Voxel size (mm) along each of the three voxel axes."""
+        return geometry.voxel_size(self.affine)
+
+    def b0_dir(self, b0_world=None) -> np.ndarray:
+        """B0 as a unit vector in voxel axes; ``b0_world`` (world coordinates) overrides z."""
+        return geometry.b0_direction(self.affine, b0_world)
+
+
 @dataclass
-class Volume:
+class Volume(VoxelGrid):
     """An image array with its geometry.
 
     ``data`` is in the file's voxel order, ``(X, Y, Z)`` or ``(X, Y, Z, E...)``;
@@ -54,20 +76,6 @@ class Volume:
             raise QSMInputError(
                 f"affine must be 4x4, got shape {self.affine.shape}", path=self.path
             )
-
-    @property
-    def shape3(self) -> tuple:
-        """Shape of the three spatial axes."""
-        return tuple(int(n) for n in self.data.shape[:3])
-
-    @property
-    def voxel_size(self) -> np.ndarray:
-        """Voxel size (mm) along each of the three voxel axes."""
-        return geometry.voxel_size(self.affine)
-
-    def b0_dir(self, b0_world=None) -> np.ndarray:
-        """B0 as a unit vector in voxel axes; ``b0_world`` (world coordinates) overrides z."""
-        return geometry.b0_direction(self.affine, b0_world)
 
 
 # ----------------------------------------------------------------------------- helpers

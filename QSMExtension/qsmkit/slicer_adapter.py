@@ -31,6 +31,7 @@ import numpy as np
 
 from . import geometry
 from .errors import QSMInputError
+from .io import VoxelGrid
 
 #: node classes whose voxels are one scalar per voxel
 SCALAR_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode")
@@ -127,24 +128,13 @@ def b0_direction(node, b0_world=None) -> np.ndarray:
 
 
 @dataclass
-class VolumeArrays:
-    """A volume node's data in qsmkit form."""
+class VolumeArrays(VoxelGrid):
+    """A volume node's data in qsmkit form (shape3, voxel_size, b0_dir from ``VoxelGrid``)."""
 
     data: np.ndarray          # (I, J, K) or (I, J, K, E)
     affine: np.ndarray        # IJK-to-RAS, (4, 4)
     name: str = ""
     meta: dict = field(default_factory=dict)
-
-    @property
-    def shape3(self) -> tuple:
-        return tuple(int(n) for n in self.data.shape[:3])
-
-    @property
-    def voxel_size(self) -> np.ndarray:
-        return geometry.voxel_size(self.affine)
-
-    def b0_dir(self, b0_world=None) -> np.ndarray:
-        return geometry.b0_direction(self.affine, b0_world)
 
 
 def _data_nodes(node):
