@@ -278,3 +278,25 @@ def test_output_never_overwrites_input(sim, capsys):
     _bad(["invert", "--field", str(field), "--mask", str(sim / "mask_true.nii.gz"), "--out",
           str(field)], capsys, [], "overwrite")
     assert field.read_bytes() == before
+
+
+def test_invert_reference(sim, tmp_path, capsys):
+    """--reference: chi relative to the whole-mask mean or to a region (here CSF from the label
+    map): the region's mean becomes 0 and every voxel moves by the same offset."""
+    field, mask = str(sim / "field_local_true.nii.gz"), str(sim / "mask_true.nii.gz")
+    base = ["invert", "--field", field, "--mask", mask, "--method", "l2", "--quiet"]
+    plain, whole, csf = (tmp_path / f"{n}.nii.gz" for n in ("plain", "whole", "csf"))
+    assert main([*base, "--out", str(plain)]) == 0
+    assert main([*base, "--out", str(whole), "--reference", "mask"]) == 0
+    assert main([*base, "--out", str(csf), "--reference", str(sim / "labels.nii.gz"),
+                 "--reference-label", "1"]) == 0
+    m = load(mask) > 0
+    region = (np.rint(load(sim / "labels.nii.gz")) == 1) & m
+    a, b, c = load(plain), load(whole), load(csf)
+    assert abs(b[m].mean()) < 1e-6 and abs(c[region].mean()) < 1e-6
+    np.testing.assert_allclose((a - c)[m], (a - c)[m][0], atol=1e-6)  # one constant shift
+    info = json.loads((tmp_path / "csf.json").read_text())["info"]["reference"]
+    assert info["offset_ppm"] == pytest.approx(a[region].mean(), abs=1e-6)
+    out = tmp_path / "none.nii.gz"
+    _bad([*base, "--out", str(out), "--reference", str(sim / "labels.nii.gz"),
+          "--reference-label", "99"], capsys, [out], "reference region has no voxels inside the mask")

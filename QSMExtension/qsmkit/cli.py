@@ -326,7 +326,16 @@ def cmd_invert(args):
         io.check_same_grid(vol, mvol, "field", "magnitude")
         io.require_finite(mvol.data, args.magnitude, "magnitude")
         mag = combine_magnitude(mvol.data)
-    check_outputs([args.out], [args.field, args.mask, args.magnitude])
+    region = None
+    if args.reference and args.reference != "mask":
+        rvol = io.load_volume(args.reference, what="reference region")
+        io.check_same_grid(vol, rvol, "field", "reference region")
+        labels = np.rint(np.asarray(rvol.data)).astype(np.int64)
+        region = labels == args.reference_label if args.reference_label is not None else labels > 0
+        if not (region & mask).any():
+            raise QSMInputError("reference region has no voxels inside the mask", args.reference)
+    check_outputs([args.out], [args.field, args.mask, args.magnitude,
+                               None if args.reference == "mask" else args.reference])
     device = backend.resolve_device(args.device)
     method = INVERSION.resolve(args.method)
     params = parse_params(args.param)
@@ -336,6 +345,13 @@ def cmd_invert(args):
         backend.to_device(field, device, backend.FLOAT), backend.to_device(mask, device),
         vol.voxel_size, b0_dir,
         magnitude=None if mag is None else backend.to_device(mag, device, backend.FLOAT), **params)
+    if args.reference:
+        from .inversion import reference_chi
+
+        chi, offset = reference_chi(chi, backend.to_device(mask, device),
+                                    None if region is None else backend.to_device(region, device))
+        info = {**info, "reference": {"region": args.reference, "label": args.reference_label,
+                                      "offset_ppm": offset}}
     meta = sidecar(extra={"stage": "inversion", "method": method, "parameters": params,
                           "info": info, "device": backend.device_name(device), "units": "ppm",
                           "seconds": round(time.perf_counter() - t0, 3),
@@ -569,6 +585,11 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--method", default="auto", choices=INVERSION.choices())
     p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--reference", metavar="mask|REGION.nii.gz",
+                   help="report chi relative to the mean over the whole mask, or over a region "
+                        "(a mask or label image, e.g. CSF); default: as the inversion gives it")
+    p.add_argument("--reference-label", type=int, metavar="N",
+                   help="with a label image as --reference: the label of the region")
     _add_field_units(p)
     _add_b0_dir(p)
     _add_common(p)

@@ -86,5 +86,20 @@ def l2(field, mask, voxel_size, b0_dir, magnitude=None, lam=0.05):
     return chi, {"lambda": lam}
 
 
+def reference_chi(chi, mask, region=None):
+    """chi relative to a reference: minus its mean over ``region`` & ``mask`` (e.g. CSF), or over
+    the whole mask when ``region`` is None; zero outside the mask. The dipole inversion fixes
+    chi only up to a constant, so published values are always relative to something.
+
+    Returns (referenced chi, the offset subtracted in ppm)."""
+    xp = get_array_module(chi)
+    m = xp.asarray(mask).astype(bool)
+    ref = m if region is None else m & xp.asarray(region).astype(bool)
+    if not bool(ref.any()):
+        raise QSMInputError("reference region has no voxels inside the mask")
+    offset = float(chi[ref].mean())
+    return xp.where(m, chi - chi.dtype.type(offset), 0).astype(chi.dtype), offset
+
+
 # FOCUSS registers itself into INVERSION; imported last because it builds on this module.
 from . import focuss  # noqa: E402,F401
