@@ -21,7 +21,7 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .dipole import apply_kernel, dipole_kernel, k_grids, padded_shape
+from .dipole import apply_kernel, dipole_kernel, k_grids, pad_to, padded_shape
 from .errors import QSMInputError
 from .registry import Registry
 
@@ -68,12 +68,48 @@ def gradient_symbol_sq(shape, voxel_size, xp=np, dtype=np.float32):
     return total
 
 
+def l_curve_lambda(field, voxel_size, b0_dir, pad_shape, lams=None):
+    """Regularisation weight at the corner of the L-curve of the closed-form L2 inversion
+    (Bilgic et al., MRM 2014): the point of largest curvature of (log ||D chi - f||,
+    log ||G chi||) over a log-spaced grid, both norms evaluated in k-space (Parseval) for
+    every lambda at the cost of one FFT. Returns (lambda, grid, curvature)."""
+    xp = get_array_module(field)
+    lams = np.logspace(-4, 0, 25) if lams is None else np.asarray(lams, dtype=float)
+    spec = backend.rfftn(pad_to(field, pad_shape))
+    power = (spec * spec.conj()).real
+    # real-FFT half spectrum: every plane but k = 0 (and Nyquist) stands for two
+    twice = xp.full(power.shape[-1], 2.0, dtype=power.dtype)
+    twice[0] = 1
+    if pad_shape[-1] % 2 == 0:
+        twice[-1] = 1
+    power = power * twice
+    d = dipole_kernel(pad_shape, voxel_size, b0_dir, xp=xp, dtype=field.dtype)
+    e2 = gradient_symbol_sq(pad_shape, voxel_size, xp=xp, dtype=np.dtype(field.dtype).type)
+    res, reg = [], []
+    for lam in lams:
+        den = d * d + field.dtype.type(lam) * e2
+        den[(0,) * den.ndim] = 1
+        x = d / den
+        res.append(float((power * (d * x - 1) ** 2).sum()) ** 0.5)
+        reg.append(float((power * x * x * e2).sum()) ** 0.5)
+    u, v = np.log(res), np.log(reg)
+    du, dv = np.gradient(u), np.gradient(v)
+    ddu, ddv = np.gradient(du), np.gradient(dv)
+    curvature = np.abs(du * ddv - dv * ddu) / (du**2 + dv**2) ** 1.5
+    inner = curvature[2:-2]  # one-sided differences at the ends are not curvature
+    return float(lams[2 + int(np.argmax(inner))]), lams, curvature
+
+
 @INVERSION.register("l2", "closed-form gradient-regularised L2 (Bilgic 2014)")
 def l2(field, mask, voxel_size, b0_dir, magnitude=None, lam=0.05):
-    """Closed-form L2 inversion with gradient regularisation weight ``lam`` (mm^2)."""
-    if not lam > 0:
-        raise QSMInputError(f"L2 regularisation lambda must be positive, got {lam}")
+    """Closed-form L2 inversion with gradient regularisation weight ``lam`` (mm^2), or
+    ``lam="lcurve"`` to choose it at the L-curve's corner (``l_curve_lambda``)."""
     xp, f, m = _prepare(field, mask)
+    chosen = None
+    if lam == "lcurve":
+        lam = chosen = l_curve_lambda(f, voxel_size, b0_dir, padded_shape(f.shape, default_pad(f.shape)))[0]
+    if not (isinstance(lam, (int, float)) and lam > 0):
+        raise QSMInputError(f"L2 regularisation lambda must be positive or 'lcurve', got {lam!r}")
 
     def inverse(shape):
         d = dipole_kernel(shape, voxel_size, b0_dir, xp=xp, dtype=f.dtype)
@@ -83,7 +119,7 @@ def l2(field, mask, voxel_size, b0_dir, magnitude=None, lam=0.05):
         return (d / den).astype(f.dtype)
 
     chi = apply_kernel(f, inverse, padded_shape(f.shape, default_pad(f.shape))) * m
-    return chi, {"lambda": lam}
+    return chi, {"lambda": lam, "lambda_from": "l-curve" if chosen is not None else "given"}
 
 
 def reference_chi(chi, mask, region=None):
