@@ -149,7 +149,7 @@ def sidecar_path(path) -> str:
     return image_stem(path) + ".json"
 
 
-def _read_sidecar(path) -> dict:
+def read_sidecar(path) -> dict:
     """Content of a sibling JSON sidecar, or ``{}`` when absent, unreadable or not an object."""
     jp = sidecar_path(path)
     if os.path.abspath(jp) == os.path.abspath(str(path)) or not os.path.isfile(jp):
@@ -276,7 +276,7 @@ def load_volume(path, *, dtype=None, what="image") -> Volume:
         raise QSMInputError(f"cannot read {what} (affine has non-finite values)", path=path)
     if dtype is not None:
         data = _cast(data, dtype)
-    side = _read_sidecar(path)
+    side = read_sidecar(path)
     side.update(meta)
     return Volume(data=data, affine=affine, path=path, meta=side)
 

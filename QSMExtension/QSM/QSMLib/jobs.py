@@ -16,7 +16,6 @@ results equal ``qsmkit run`` on files holding the same data, bit for bit.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -133,7 +132,9 @@ def acquisition_parameters(node, dicom_value=None) -> dict:
         storage = item.GetStorageNode() if item is not None and hasattr(item, "GetStorageNode") else None
         path = storage.GetFileName() if storage is not None else None
         if path:
-            meta = _sidecar(path)
+            from qsmkit.io import read_sidecar
+
+            meta = read_sidecar(path)
             te_item = meta.get("EchoTime")
             b0_item = meta.get("MagneticFieldStrength")
             if te_item is not None or b0_item is not None:
@@ -155,17 +156,6 @@ def acquisition_parameters(node, dicom_value=None) -> dict:
         if b0 is None and b0_item is not None:
             b0 = float(b0_item)
     return {"te": tes or None, "b0": b0, "source": " and ".join(sorted(sources)) or None}
-
-
-def _sidecar(image_path: str) -> dict:
-    base = image_path[:-3] if image_path.lower().endswith(".gz") else image_path
-    json_path = os.path.splitext(base)[0] + ".json"
-    try:
-        with open(json_path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _number(text):
