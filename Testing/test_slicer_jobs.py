@@ -270,6 +270,32 @@ def test_stage_jobs_equal_the_stage_commands(scene, tmp_path, phantom):
     assert same_as_file(chi, tmp_path / "chi.nii.gz") and sa.same_geometry(chi, total)
 
 
+def test_invert_job_references_chi_like_the_command(scene, tmp_path, phantom):
+    """The Dipole Inversion module's reference choices (mask, a label-map region and one of its
+    labels) give what ``qsmkit invert --reference`` gives."""
+    local = node_from_file(scene, phantom / "field_local_true.nii.gz", "local")
+    mask = node_from_file(scene, phantom / "mask_true.nii.gz", "brain", "vtkMRMLLabelMapVolumeNode")
+    labels = node_from_file(scene, phantom / "labels.nii.gz", "labels", "vtkMRMLLabelMapVolumeNode")
+    from qsmkit.simulate import LABEL_IDS
+
+    csf = LABEL_IDS["csf"]
+    common = ["invert", "--field", str(phantom / "field_local_true.nii.gz"), "--mask",
+              str(phantom / "mask_true.nii.gz"), "--method", "tkd"]
+    for tag, extra, kwargs in (
+            ("mask", ["--reference", "mask"], {"reference": "mask"}),
+            ("label", ["--reference", str(phantom / "labels.nii.gz"), "--reference-label", str(csf)],
+             {"reference": labels, "reference_label": csf})):
+        out = tmp_path / f"chi_{tag}.nii.gz"
+        assert cli.main([*common, *extra, "--out", str(out)]) == 0
+        chi = jobs.invert_job(local, mask, method="tkd", **kwargs).run(scene, timeout=120)["chi"]
+        assert same_as_file(chi, out), tag
+        region = (io.load_volume(phantom / "labels.nii.gz").data == csf) if tag == "label" else \
+            io.load_volume(phantom / "mask_true.nii.gz").data > 0
+        assert abs(float(sa.array_from_volume(chi)[region].mean())) < 1e-6, tag
+    with pytest.raises(ValueError, match="reference"):
+        jobs.invert_job(local, mask, reference="csf")
+
+
 def test_acquisition_parameters_from_sidecar_and_dicom(scene, tmp_path, phantom):
     image = tmp_path / "sub-01_part-phase_GRE.nii.gz"
     image.write_bytes((phantom / "phase.nii.gz").read_bytes())

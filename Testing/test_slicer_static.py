@@ -260,8 +260,12 @@ def module_dirs() -> list:
 # ---------------------------------------------------------------- the modules as they are
 
 def test_modules_exist():
+    """The pipeline module and the stage modules, each added by the top-level CMakeLists."""
     names = [d.name for d in module_dirs()]
-    assert "QSM" in names
+    assert {"QSM", "QSMBackgroundRemoval", "QSMDipoleInversion"} <= set(names)
+    top = _strip_cmake_comments((REPO / "CMakeLists.txt").read_text())
+    added = set(re.findall(r"add_subdirectory\(\s*QSMExtension/(\w+)\s*\)", top))
+    assert added == set(names)
 
 
 @pytest.mark.parametrize("module_dir", module_dirs(), ids=lambda p: p.name)

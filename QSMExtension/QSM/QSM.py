@@ -53,6 +53,11 @@ UNWRAPPING_CHOICES = ["auto", "quality", "laplacian"]
 BACKGROUND_CHOICES = ["auto", "pdf", "vsharp", "resharp"]
 INVERSION_CHOICES = ["auto", "focuss", "l2", "tkd"]
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
+FIELD_UNITS_CHOICES = ["ppm", "hz", "rad"]
+# The volumes the Sample Data entry and the module tests load from the simulated phantom.
+PHANTOM_VOLUMES = ("magnitude", "phase", "chi_true", "labels")
+# Where the FSL folder is kept (application settings); passed to the background process as FSLDIR.
+FSL_SETTING = "QSM/FSLDirectory"
 
 
 def ensureQsmkitImportable():
@@ -185,10 +190,11 @@ class QSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._timer = None
+        self.runner = None
 
     def setup(self) -> None:
+        from QSMLib.jobrunner import JobRunner
+
         ScriptedLoadableModuleWidget.setup(self)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/QSM.ui"))
@@ -201,22 +207,22 @@ class QSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        self.ui.readHeaderButton.connect("clicked(bool)", self.onReadHeaderButton)
-
         # The background process is polled from the GUI thread, so the application stays responsive.
-        self._timer = qt.QTimer()
-        self._timer.setInterval(100)
-        self._timer.connect("timeout()", self.onTimer)
+        self.runner = JobRunner(self.logic, self.ui.applyButton, self.ui.cancelButton,
+                                self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit,
+                                onDone=self.onJobDone, canApply=self._ready, title="QSM")
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.runner.cancel)
+        self.ui.readHeaderButton.connect("clicked(bool)", self.onReadHeaderButton)
+        self.ui.fslDirectoryButton.connect("directoryChanged(QString)", self.onFslDirectoryChanged)
+        self.ui.fslTestButton.connect("clicked(bool)", self.onFslTestButton)
+        self.ui.fslDirectoryButton.directory = self.logic.fslDirectory() or ""
 
-        self._setRunning(False)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self.logic.cancelJob(self._job)
-            self._job = None
+        if self.runner is not None:
+            self.runner.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -255,30 +261,16 @@ class QSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
+    def _ready(self) -> bool:
         p = self._parameterNode
-        ready = bool(p and p.magnitude and p.phase and p.echoTimesMs.strip())
-        self.ui.applyButton.enabled = ready and self._job is None
-        self.ui.applyButton.toolTip = (_("Compute the brain mask, fields and chi") if ready
+        return bool(p and p.magnitude and p.phase and p.echoTimesMs.strip())
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        self.runner.refresh()
+        self.ui.applyButton.toolTip = (_("Compute the brain mask, fields and chi") if self._ready()
                                        else _("Select magnitude and phase and give the echo times"))
 
     # ------------------------------------------------------------ running
-
-    def _setRunning(self, running: bool) -> None:
-        self.ui.cancelButton.enabled = running
-        self.ui.applyButton.enabled = not running
-        self.ui.progressBar.visible = running
-        if running:
-            self.ui.progressBar.setRange(0, 0)  # busy until the first progress line
-
-    def _log(self, text: str) -> None:
-        self.ui.logTextEdit.appendPlainText(text)
-
-    def _progress(self, fraction, stage) -> None:
-        self.ui.progressBar.setRange(0, 100)
-        self.ui.progressBar.value = int(round(100 * (fraction or 0)))
-        if stage:
-            self.ui.statusLabel.text = _("Running: {stage}").format(stage=stage)
 
     def onReadHeaderButton(self) -> None:
         p = self._parameterNode
@@ -292,47 +284,23 @@ class QSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = (_("Read from {source}").format(source=found["source"])
                                         if found["source"] else _("No echo time or field strength recorded"))
 
-    def onApplyButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to start QSM."), waitCursor=True):
-            if not self.logic.installRequirements(askUser=True):
-                self.ui.statusLabel.text = _("Missing Python packages were not installed")
-                return
-            self.ui.logTextEdit.clear()
-            self._job = self.logic.startPipelineFromParameterNode(
-                self._parameterNode, onLine=self._log, onProgress=self._progress)
-            self._log(" ".join(self._job.argv))
-            self.ui.statusLabel.text = _("Running...")
-            self._setRunning(True)
-            self._timer.start()
+    def onFslDirectoryChanged(self, path) -> None:
+        self.logic.setFslDirectory(path)
 
-    def onTimer(self) -> None:
-        job = self._job
-        if job is None or job.process is None:
-            self._timer.stop()
-            return
-        if job.process.poll():
-            return
-        self._timer.stop()
-        self._job = None
-        self._setRunning(False)
-        try:
-            nodes = self.logic.finishJob(job)
-        except Exception as err:
-            self.ui.statusLabel.text = _("Failed: {reason}").format(reason=err)
-            if not job.process.cancelled:
-                slicer.util.errorDisplay(_("QSM failed: {reason}").format(reason=err))
-            self._checkCanApply()
-            return
+    def onFslTestButton(self) -> None:
+        ok, message = self.logic.testFsl(self.ui.fslDirectoryButton.directory)
+        self.ui.fslStatusLabel.text = message
+        if not ok:
+            slicer.util.warningDisplay(message, windowTitle=_("QSM: FSL"))
+
+    def onApplyButton(self) -> None:
+        self.runner.start(lambda onLine, onProgress: self.logic.startPipelineFromParameterNode(
+            self._parameterNode, onLine=onLine, onProgress=onProgress))
+
+    def onJobDone(self, job, nodes) -> None:
         self.logic.storeOutputs(self._parameterNode, nodes)
         slicer.util.setSliceViewerLayers(background=nodes["chi"], fit=True)
-        self.ui.statusLabel.text = _("Done in {seconds:.1f} s").format(seconds=job.process.seconds or 0)
         self._checkCanApply()
-
-    def onCancelButton(self) -> None:
-        if self._job is not None:
-            self.logic.cancelJob(self._job)
-            self._log(_("Cancelled."))
-        # onTimer reports the end of the process and re-enables Apply
 
 
 #
@@ -379,12 +347,20 @@ class QSMLogic(ScriptedLoadableModuleLogic):
         """Slicer's Python launcher (PythonSlicer), for the background process."""
         return shutil.which("PythonSlicer") or sys.executable
 
-    @staticmethod
-    def processEnvironment():
+    def processEnvironment(self):
+        """The background process's environment: Slicer's startup environment (not the
+        application's modified one), with FSLDIR from the module setting when it is set."""
         try:
-            return slicer.util.startupEnvironment()
+            env = slicer.util.startupEnvironment()
         except Exception:  # noqa: BLE001 - outside the application
-            return dict(os.environ)
+            env = dict(os.environ)
+        try:
+            fslDirectory = self.fslDirectory()
+        except Exception:  # noqa: BLE001 - no Qt settings outside the application
+            fslDirectory = ""
+        if fslDirectory:
+            env["FSLDIR"] = fslDirectory
+        return env
 
     def _jobKwargs(self):
         return {"python": self.pythonExecutable(), "env": self.processEnvironment()}
@@ -484,13 +460,15 @@ class QSMLogic(ScriptedLoadableModuleLogic):
 
     def invertField(self, localField, mask, magnitude=None, method="auto", parameters=None,
                     fieldUnits="ppm", fieldStrength=None, echoTimes=None, device="auto",
-                    output=None, wait=True):
-        """Local field -> chi node (ppm)."""
+                    output=None, reference=None, referenceLabel=None, wait=True):
+        """Local field -> chi node (ppm). ``reference``: None, ``"mask"`` or a label-map node
+        (e.g. CSF) whose mean chi is subtracted (``referenceLabel``: one label of it)."""
         from QSMLib.jobs import invert_job
 
         job = invert_job(localField, mask, magnitude=magnitude, method=method, params=parameters,
                          field_units=fieldUnits, b0=fieldStrength, te=echoTimes, device=device,
-                         output=output, **self._jobKwargs())
+                         output=output, reference=reference, reference_label=referenceLabel,
+                         **self._jobKwargs())
         result = self._run(job, wait)
         return result["chi"] if wait else result
 
@@ -536,6 +514,15 @@ class QSMLogic(ScriptedLoadableModuleLogic):
     def loadPhantom(self, shape=(128, 128, 32), voxelSize=(1.875, 1.875, 5.0), name="QSMPhantom"):
         """Simulate the built-in phantom (qsmkit simulate) and load magnitude, phase, labels and
         the true chi; returns the magnitude and phase nodes."""
+        nodes = self.loadPhantomVolumes(shape, voxelSize, name)
+        return [nodes["magnitude"], nodes["phase"]]
+
+    def loadPhantomVolumes(self, shape=(128, 128, 32), voxelSize=(1.875, 1.875, 5.0),
+                           name="QSMPhantom", stems=PHANTOM_VOLUMES, extraArgs=()):
+        """Simulate the built-in phantom and load the volumes named in ``stems`` (files that
+        ``qsmkit simulate`` writes: magnitude, phase, chi_true, labels, mask_true,
+        field_total_true, field_local_true, ...; masks and labels as label maps); returns
+        stem -> node. ``extraArgs``: more ``qsmkit simulate`` options (e.g. coils)."""
         import tempfile
 
         if not self.installRequirements(askUser=True):
@@ -545,22 +532,38 @@ class QSMLogic(ScriptedLoadableModuleLogic):
         folder = tempfile.mkdtemp(prefix="qsmkit-phantom-")
         try:
             code = cli.main(["simulate", "--out", folder, "--shape", *map(str, shape),
-                             "--voxel-size", *map(str, voxelSize), "--quiet"])
+                             "--voxel-size", *map(str, voxelSize), *map(str, extraArgs), "--quiet"])
             if code != 0:
                 raise RuntimeError("qsmkit simulate failed")
             nodes = {}
-            for stem in ("magnitude", "phase", "chi_true"):
-                node = slicer.util.loadVolume(os.path.join(folder, f"{stem}.nii.gz"))
+            for stem in stems:
+                path = os.path.join(folder, f"{stem}.nii.gz")
+                isLabel = stem in ("labels", "mask_true", "vessel_mask")
+                node = (slicer.util.loadLabelVolume(path) if isLabel else slicer.util.loadVolume(path))
                 node.SetName(f"{name}_{stem}")
+                node.SetAndObserveStorageNodeID(None)  # keep the nodes, not the files
                 nodes[stem] = node
-            labels = slicer.util.loadLabelVolume(os.path.join(folder, "labels.nii.gz"))
-            labels.SetName(f"{name}_labels")
-            nodes["labels"] = labels
-            for node in nodes.values():  # keep the nodes, not the files
-                node.SetAndObserveStorageNodeID(None)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return [nodes["magnitude"], nodes["phase"]]
+        return nodes
+
+    def fslDirectory(self) -> str:
+        """The FSL folder: the module setting, else $FSLDIR (empty when neither is set)."""
+        return str(qt.QSettings().value(FSL_SETTING, "") or os.environ.get("FSLDIR", ""))
+
+    def setFslDirectory(self, path) -> None:
+        qt.QSettings().setValue(FSL_SETTING, str(path or ""))
+
+    def testFsl(self, path=None):
+        """(ok, message): whether ``path`` (default: the setting) holds a usable FSL."""
+        from qsmkit import fsl
+        from qsmkit.errors import QSMInputError
+
+        try:
+            found = fsl.find_fsldir(path or self.fslDirectory() or None)
+        except QSMInputError as err:
+            return False, str(err)
+        return True, _("FSL found in {path}: bet and prelude will be used by 'auto'").format(path=found)
 
 
 #

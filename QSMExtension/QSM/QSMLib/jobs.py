@@ -408,14 +408,25 @@ def background_job(field, mask, method="auto", weights=None, params=None, field_
 
 
 def invert_job(field, mask, magnitude=None, method="auto", params=None, field_units="ppm",
-               b0=None, te=None, device="auto", output=None, **job_kwargs):
-    """``qsmkit invert``: chi (ppm) from the local field."""
+               b0=None, te=None, device="auto", output=None, reference=None,
+               reference_label=None, **job_kwargs):
+    """``qsmkit invert``: chi (ppm) from the local field. ``reference``: None (chi as the
+    method returns it), ``"mask"`` (relative to the mean over the mask) or a label-map node
+    (relative to its voxels, or to those equal to ``reference_label``), e.g. CSF."""
     job = QsmkitJob("invert", **job_kwargs)
     try:
         job.add_input("--field", field, "field")
         job.add_input("--mask", mask, "mask")
         if magnitude is not None:
             job.add_input("--magnitude", magnitude, "magnitude")
+        if isinstance(reference, str):
+            if reference != "mask":
+                raise ValueError(f"reference must be 'mask' or a label-map node, not {reference!r}")
+            job.add_option("--reference", "mask")
+        elif reference is not None:
+            job.add_input("--reference", reference, "reference")
+            if reference_label is not None:
+                job.add_option("--reference-label", int(reference_label))
         job.add_option("--method", method or "auto")
         job.add_params("--param", params)
         _field_options(job, field_units, b0, te)
