@@ -300,3 +300,55 @@ def test_invert_reference(sim, tmp_path, capsys):
     out = tmp_path / "none.nii.gz"
     _bad([*base, "--out", str(out), "--reference", str(sim / "labels.nii.gz"),
           "--reference-label", "99"], capsys, [out], "reference region has no voxels inside the mask")
+
+
+def test_run_from_scanner_files_equals_run_in_radians(sim, tmp_path):
+    """``run --dicom`` on dcm2niix-style files (Siemens 12-bit phase, JSON sidecars with
+    EchoTime, ImagingFrequency and ImageType) gives what ``run`` gives on the phase in radians
+    with the same TE and B0: the vendor scaling x pi / 4096 and B0 = ImagingFrequency / gamma."""
+    scanner_dir = tmp_path / "scanner"
+    scanner_dir.mkdir()
+    phase_img = nib.load(str(sim / "phase.nii.gz"))
+    rad = np.asarray(phase_img.dataobj, dtype=np.float64)
+    raw = np.clip(np.round(rad / np.pi * 4096), -4096, 4095).astype(np.int16)
+    freq_mhz = 123.2548  # a Siemens "3 T" scanner: 2.8949 T
+    base = {"Manufacturer": "Siemens", "EchoTime": 0.02, "MagneticFieldStrength": 3,
+            "ImagingFrequency": freq_mhz, "SeriesNumber": 5, "EchoNumber": 1}
+    nib.save(nib.Nifti1Image(raw, phase_img.affine), str(scanner_dir / "gre_ph.nii.gz"))
+    (scanner_dir / "gre_ph.json").write_text(
+        json.dumps({**base, "ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]}))
+    mag_img = nib.load(str(sim / "magnitude.nii.gz"))
+    nib.save(mag_img, str(scanner_dir / "gre.nii.gz"))
+    (scanner_dir / "gre.json").write_text(
+        json.dumps({**base, "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"]}))
+    radians = tmp_path / "phase_rad.nii.gz"
+    nib.save(nib.Nifti1Image((raw * (np.pi / 4096)).astype(np.float32), phase_img.affine), str(radians))
+    b0 = freq_mhz / 42.5775
+    assert main(["run", "--dicom", str(scanner_dir), "--out", str(tmp_path / "a"), "--quiet",
+                 "--use-fsl", "never"]) == 0
+    assert main(["run", "--magnitude", str(sim / "magnitude.nii.gz"), "--phase", str(radians),
+                 "--te", "0.02", "--b0", repr(b0), "--out", str(tmp_path / "b"), "--quiet",
+                 "--use-fsl", "never"]) == 0
+    # the same phase up to float32 rounding (the two paths scale in different precisions), so
+    # the same chi up to the iterative solvers' sensitivity to the last bit
+    a, b = load(tmp_path / "a" / "chi.nii.gz"), load(tmp_path / "b" / "chi.nii.gz")
+    assert np.abs(a - b).max() < 2e-3 * np.abs(b).max()
+    meta = json.loads((tmp_path / "a" / "chi.json").read_text())
+    assert meta["inputs"]["te"] == [0.02] and abs(meta["inputs"]["b0"] - b0) < 1e-9
+    # both kinds of input at once is refused before anything is written
+    assert main(["run", "--dicom", str(scanner_dir), "--magnitude", str(sim / "magnitude.nii.gz"),
+                 "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert not (tmp_path / "c").exists()
+
+
+def test_use_fsl_always_without_fsl_is_a_one_line_error(sim, tmp_path, monkeypatch, capsys):
+    from qsmkit import fsl
+
+    monkeypatch.delenv("FSLDIR", raising=False)
+    monkeypatch.setattr(fsl, "FSL_DIR", None)
+    monkeypatch.setattr(fsl, "USE_FSL", "auto")
+    code = main(["mask", "--magnitude", str(sim / "magnitude.nii.gz"), "--out",
+                 str(tmp_path / "m.nii.gz"), "--use-fsl", "always", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "FSL" in err and "install" in err.lower()
+    assert not (tmp_path / "m.nii.gz").exists()

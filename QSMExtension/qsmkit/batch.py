@@ -154,8 +154,6 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
     from . import io, stats
     from .echoes import combine_magnitude
     from .pipeline import PipelineConfig, run_pipeline, sidecar
-    from .units import rescale_phase
-
     t0 = time.perf_counter()
     written = []  # removed again if the subject fails: no half set of derivatives
     try:
@@ -165,7 +163,8 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
                                 (subject.phase or subject.magnitude)[0])
         mag, pha, te, b0 = io.load_gre(subject.magnitude, subject.phase)
         cfg = PipelineConfig(**config).resolved()
-        res = run_pipeline(mag.data, rescale_phase(pha.data), te, b0, pha.voxel_size, pha.b0_dir(),
+        res = run_pipeline(mag.data, io.phase_in_rad(pha, subject.phase[0]), te, b0,
+                           pha.voxel_size, pha.b0_dir(),
                            config=cfg)
         paths = output_paths(out_root, subject)
         meta = sidecar(cfg, res.stages, inputs={"magnitude": subject.magnitude,

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from . import __version__, backend, geometry, io, units
+from . import fsl as _fsl  # registers FSL's bet and prelude as masking and unwrapping methods
 from .background import BACKGROUND
 from .echoes import combine_magnitude
 from .errors import QSMInputError
@@ -202,8 +203,40 @@ def write_simulation(out, ph, acq, params):
 
 
 def _read_inputs(args):
-    """Magnitude and phase (one 4-D file or one file per echo), checked, with TE and B0."""
-    return io.load_gre(args.magnitude, args.phase, args.te, args.b0)
+    """Magnitude and phase (one 4-D file or one file per echo, or a DICOM folder), checked,
+    with TE and B0 (given, else from the JSON sidecars or DICOM headers); phase in rad."""
+    if getattr(args, "dicom", None):
+        from . import scanner
+
+        if args.magnitude or args.phase:
+            raise QSMInputError("give either --dicom or --magnitude/--phase, not both")
+        series = args.series[0] if args.series and len(args.series) == 1 else args.series
+        mag, pha, te, b0 = scanner.load_gre_scanner(args.dicom, series=series)
+        te = list(args.te) if args.te else te
+        if len(te) != (1 if pha.data.ndim == 3 else pha.data.shape[3]):
+            raise QSMInputError(f"{len(te)} echo time(s) for {pha.data.shape[3:] or (1,)} echo(es)",
+                                args.dicom[0])
+        return mag, pha, te, float(args.b0 if args.b0 else b0)
+    if not (args.magnitude and args.phase):
+        raise QSMInputError("give --magnitude and --phase (files), or --dicom FOLDER")
+    mag, pha, te, b0 = io.load_gre(args.magnitude, args.phase, args.te, args.b0)
+    pha.data = io.phase_in_rad(pha, args.phase[0])
+    return mag, pha, te, b0
+
+
+def _configure_fsl(args):
+    """Apply --use-fsl / --fsl-dir before any method name is resolved; the FSL folder also goes
+    to the environment, so worker processes (qsmkit batch) find it."""
+    use, folder = getattr(args, "use_fsl", None), getattr(args, "fsl_dir", None)
+    if folder:
+        os.environ["FSLDIR"] = folder
+    _fsl.configure(use_fsl=use, fsl_dir=folder)
+
+
+def _fsl_record(config=None):
+    """The sidecar's FSL entry, when a stage used FSL."""
+    names = set() if config is None else {config.masking, config.unwrapping}
+    return {"fsl": _fsl.provenance()} if names & {"bet", "prelude"} else {}
 
 
 def _config(args):
@@ -222,18 +255,18 @@ def cmd_run(args):
     cfg = _config(args).resolved()
     names = ("mask", "field_total", "field_local", "local_mask", "chi")
     outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
-    check_outputs(outs.values(), [*args.magnitude, *args.phase, args.mask])
+    check_outputs(outs.values(), [*(args.magnitude or []), *(args.phase or []), args.mask])
     b0_dir = b0_dir_for(pha, args.b0_dir)
     progress = Progress(len(STAGES), args.quiet, "qsmkit run")
     try:
-        res = run_pipeline(mag.data, units.rescale_phase(pha.data), te, b0, pha.voxel_size, b0_dir,
+        res = run_pipeline(mag.data, pha.data, te, b0, pha.voxel_size, b0_dir,
                            mask=mask, config=cfg, progress=progress)
     finally:
         progress.close()
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
-                                            "mask": args.mask, "te": te, "b0": b0,
-                                            "b0_dir_voxel": list(map(float, b0_dir))},
-                   extra={"units": {"chi": "ppm", "field": "ppm"}})
+                                            "dicom": args.dicom, "mask": args.mask, "te": te,
+                                            "b0": b0, "b0_dir_voxel": list(map(float, b0_dir))},
+                   extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg)})
     for n, path in outs.items():
         data = getattr(res, n)
         io.save_volume(path, data, pha.affine, sidecar=meta,
@@ -258,9 +291,10 @@ def cmd_mask(args):
     if args.erode:
         params["erode"] = args.erode
     mask = MASKING.get(method).func(combine_magnitude(vol.data), vol.voxel_size, **params)
+    fsl = {"fsl": _fsl.provenance()} if method == "bet" else {}
     io.save_volume(args.out, mask, vol.affine, dtype=np.uint8,
                    sidecar=sidecar(extra={"stage": "mask", "method": method, "parameters": params,
-                                          "inputs": {"magnitude": args.magnitude}}))
+                                          "inputs": {"magnitude": args.magnitude}, **fsl}))
 
 
 def cmd_unwrap(args):
@@ -274,18 +308,27 @@ def cmd_unwrap(args):
     check_outputs([args.out], inputs)
     method = UNWRAPPING.resolve(args.method)
     params = parse_params(args.param)
-    phase = units.rescale_phase(pha.data)
+    phase = io.phase_in_rad(pha, args.phase[0])
     echoes = phase[..., None] if phase.ndim == 3 else phase
+    magnitude = None
+    if args.magnitude:
+        magnitude = mag.data if mag.data.ndim == 4 else np.repeat(mag.data[..., None], echoes.shape[3], 3)
+        if magnitude.shape != echoes.shape:
+            raise QSMInputError(f"magnitude has {magnitude.shape[3]} echoes, phase {echoes.shape[3]}",
+                                args.magnitude)
     from tqdm import tqdm
 
-    out = np.stack([UNWRAPPING.get(method).func(echoes[..., e], mask=mask,
-                                                 voxel_size=pha.voxel_size, **params)
-                    for e in tqdm(range(echoes.shape[3]), desc="unwrap", unit="echo",
-                                  disable=args.quiet, leave=False)], axis=3)
+    out = np.stack([UNWRAPPING.get(method).func(
+        echoes[..., e], mask=mask, voxel_size=pha.voxel_size,
+        magnitude=None if magnitude is None else magnitude[..., e], **params)
+        for e in tqdm(range(echoes.shape[3]), desc="unwrap", unit="echo",
+                      disable=args.quiet, leave=False)], axis=3)
     out = out[..., 0] if phase.ndim == 3 else out
+    fsl = {"fsl": _fsl.provenance()} if method == "prelude" else {}
     io.save_volume(args.out, out, pha.affine,
                    sidecar=sidecar(extra={"stage": "unwrap", "method": method, "units": "rad",
-                                          "parameters": params, "inputs": {"phase": args.phase}}))
+                                          "parameters": params, "inputs": {"phase": args.phase},
+                                          **fsl}))
 
 
 def cmd_background(args):
@@ -433,7 +476,10 @@ def cmd_stats(args):
 def cmd_batch(args):
     from .batch import run_batch
 
-    config = {"masking": args.masking, "unwrapping": args.unwrapping, "background": args.background,
+    # masking and unwrapping are resolved here, where --use-fsl applies: the workers (other
+    # processes, perhaps other machines) then run exactly the methods this command chose
+    config = {"masking": MASKING.resolve(args.masking),
+              "unwrapping": UNWRAPPING.resolve(args.unwrapping), "background": args.background,
               "inversion": args.inversion, "device": backend.resolve_device(args.device),
               "masking_params": parse_params(args.masking_param),
               "unwrapping_params": parse_params(args.unwrapping_param),
@@ -488,7 +534,15 @@ def _add_field_units(p):
     p.add_argument("--te", type=float, nargs="+", help="echo time (s), for rad field units")
 
 
+def _add_fsl(p):
+    p.add_argument("--use-fsl", choices=_fsl.USE_FSL_CHOICES,
+                   help="auto (default): FSL bet/prelude for 'auto' masking/unwrapping when FSL "
+                        "is installed; never: embedded methods; always: FSL or an error")
+    p.add_argument("--fsl-dir", metavar="DIR", help="FSL folder (default: $FSLDIR)")
+
+
 def _add_methods(p):
+    _add_fsl(p)
     p.add_argument("--masking", default="auto", choices=MASKING.choices())
     p.add_argument("--unwrapping", default="auto", choices=UNWRAPPING.choices())
     p.add_argument("--background", default="auto", choices=BACKGROUND.choices())
@@ -516,9 +570,14 @@ def build_parser():
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="the whole pipeline: magnitude + phase -> chi")
-    p.add_argument("--magnitude", nargs="+", required=True, help="4-D file or one file per echo")
-    p.add_argument("--phase", nargs="+", required=True, help="4-D file or one file per echo (rad or "
-                   "vendor integer phase)")
+    p.add_argument("--magnitude", nargs="+", help="4-D file or one file per echo")
+    p.add_argument("--phase", nargs="+", help="4-D file or one file per echo (rad, or vendor "
+                   "integer phase scaled per the sidecar's Manufacturer)")
+    p.add_argument("--dicom", nargs="+", metavar="PATH", help="DICOM folder(s)/files or dcm2niix "
+                   "NIfTI with sidecars holding both magnitude and phase (instead of "
+                   "--magnitude/--phase)")
+    p.add_argument("--series", nargs="+", type=int, metavar="N", help="with --dicom: the series "
+                   "number, or the magnitude and the phase series numbers")
     p.add_argument("--te", nargs="+", type=float, help="echo times (s); default from a JSON sidecar")
     p.add_argument("--b0", type=float, help="field strength (T); default from a JSON sidecar")
     p.add_argument("--mask", help="brain mask (skips masking)")
@@ -551,6 +610,7 @@ def build_parser():
     p.add_argument("--method", default="auto", choices=MASKING.choices())
     p.add_argument("--erode", type=float, default=0.0, help="erode the mask by this many mm")
     p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    _add_fsl(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_mask)
 
@@ -561,6 +621,7 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--method", default="auto", choices=UNWRAPPING.choices())
     p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    _add_fsl(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_unwrap)
 
@@ -611,6 +672,7 @@ def build_parser():
                        ("inversion", INVERSION)):
         p.add_argument(f"--{stage}", default="auto", choices=reg.choices())
         p.add_argument(f"--{stage}-param", action="append", metavar="KEY=VALUE")
+    _add_fsl(p)
     _add_common(p)
     p.set_defaults(func=cmd_batch)
 
@@ -640,6 +702,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _configure_fsl(args)
         args.func(args)
     except QSMInputError as err:
         print(f"qsmkit: error: {err}", file=sys.stderr)

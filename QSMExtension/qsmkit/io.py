@@ -561,8 +561,23 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None):
     if len(te) != n_echoes:
         raise QSMInputError(f"{phase_paths[0]}: {n_echoes} echo(es) but {len(te)} echo time(s) given")
     units.check_positive("--te", te)
-    b0 = b0 if b0 is not None else pha.meta.get("MagneticFieldStrength")
     if b0 is None:
-        raise QSMInputError(f"{phase_paths[0]}: missing field strength; give --b0 TESLA")
+        from .scanner import b0_from_sidecar
+
+        # the field the phase evolved in (ImagingFrequency / gamma) when the sidecar has it
+        b0, _source = b0_from_sidecar(pha.meta, phase_paths[0])
     units.check_positive("--b0", b0)
     return mag, pha, te, float(b0)
+
+
+def phase_in_rad(volume: Volume, path) -> np.ndarray:
+    """The phase of ``volume`` in radians: the vendor's scaling when its sidecar names the
+    manufacturer (``qsmkit.scanner.phase_to_rad``: strict ranges), else the range-based
+    ``qsmkit.units.rescale_phase``."""
+    from . import units
+
+    if volume.meta.get("Manufacturer"):
+        from .scanner import phase_to_rad
+
+        return phase_to_rad(volume.data, volume.meta, path)
+    return units.rescale_phase(volume.data)

@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 
 from . import __version__, backend
+from . import fsl as _fsl  # noqa: F401  (registers FSL's bet and prelude)
 from .background import BACKGROUND
-from .echoes import combine_magnitude, field_from_phase
+from .echoes import combine_magnitude, fit_field
 from .errors import QSMInputError
 from .inversion import INVERSION
 from .masking import MASKING
@@ -138,18 +139,20 @@ def run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
     unwrap = UNWRAPPING.get(cfg.unwrapping).func
 
     def unwrap3(p, mask=None):
-        return unwrap(p, mask=mask, voxel_size=voxel_size, **cfg.unwrapping_params)
+        # the magnitude feeds quality-guided unwrappers (ROMEO's weights, PRELUDE's input)
+        return unwrap(p, mask=mask, voxel_size=voxel_size, magnitude=mag3, **cfg.unwrapping_params)
 
-    field_total, field_info = timer.run("field", cfg.unwrapping, field_from_phase, magnitude,
-                                        phase, te, b0, unwrap3, mask)
-    timer.records[-1]["info"] = field_info
+    fit = timer.run("field", cfg.unwrapping, fit_field, magnitude, phase, te, b0, unwrap3, mask)
+    field_total = fit.field_ppm
+    timer.records[-1]["info"] = fit.info
 
     f_dev = backend.to_device(field_total, cfg.device, backend.FLOAT)
     m_dev = backend.to_device(mask, cfg.device)
     mag_dev = backend.to_device(mag3, cfg.device, backend.FLOAT)
-    # The field's noise SD is inversely proportional to the magnitude (Liu 2011), so the
-    # magnitude is PDF's noise weight unless the caller gives weights.
-    bg_params = {"weights": mag_dev, **cfg.background_params}
+    # PDF weights each voxel by 1 / (noise SD of the field) (Liu et al. 2011), which the
+    # field fit derives from the magnitude of every echo, unless the caller gives weights.
+    bg_params = {"weights": backend.to_device(fit.weights, cfg.device, backend.FLOAT),
+                 **cfg.background_params}
     local, local_mask, bg_info = timer.run(
         "background", cfg.background, BACKGROUND.get(cfg.background).func, f_dev, m_dev,
         voxel_size, b0_dir, **bg_params)
