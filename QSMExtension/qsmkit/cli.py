@@ -245,6 +245,7 @@ def _config(args):
         inversion=args.inversion, device=args.device,
         masking_params=parse_params(args.masking_param),
         unwrapping_params=parse_params(args.unwrapping_param),
+        field_params=parse_params(args.field_param),
         background_params=parse_params(args.background_param),
         inversion_params=parse_params(args.inversion_param))
 
@@ -550,6 +551,9 @@ def _add_methods(p):
     for stage in ("masking", "unwrapping", "background", "inversion"):
         p.add_argument(f"--{stage}-param", action="append", metavar="KEY=VALUE",
                        help=f"parameter of the {stage} method (repeatable)")
+    p.add_argument("--field-param", action="append", metavar="KEY=VALUE",
+                   help="multi-echo field fit: method=linear|nonlinear|difference, offset=fit|none, "
+                        "magnitude_combination=rms|t2star|te (repeatable)")
 
 
 def build_parser():

@@ -39,6 +39,9 @@ class PipelineConfig:
     device: str = "auto"
     masking_params: dict = field(default_factory=dict)
     unwrapping_params: dict = field(default_factory=dict)
+    #: keywords of ``echoes.fit_field``: method (linear|nonlinear|difference), offset
+    #: (fit|none), magnitude_combination (rms|t2star|te), noise_sigma
+    field_params: dict = field(default_factory=dict)
     background_params: dict = field(default_factory=dict)
     inversion_params: dict = field(default_factory=dict)
 
@@ -52,6 +55,7 @@ class PipelineConfig:
             device=backend.resolve_device(self.device),
             masking_params=dict(self.masking_params),
             unwrapping_params=dict(self.unwrapping_params),
+            field_params=dict(self.field_params),
             background_params=dict(self.background_params),
             inversion_params=dict(self.inversion_params),
         )
@@ -142,7 +146,8 @@ def run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
         # the magnitude feeds quality-guided unwrappers (ROMEO's weights, PRELUDE's input)
         return unwrap(p, mask=mask, voxel_size=voxel_size, magnitude=mag3, **cfg.unwrapping_params)
 
-    fit = timer.run("field", cfg.unwrapping, fit_field, magnitude, phase, te, b0, unwrap3, mask)
+    fit = timer.run("field", cfg.unwrapping, lambda: fit_field(magnitude, phase, te, b0, unwrap3,
+                                                               mask, **cfg.field_params))
     field_total = fit.field_ppm
     timer.records[-1]["info"] = fit.info
 
