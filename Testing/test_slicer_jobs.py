@@ -319,5 +319,9 @@ def test_acquisition_parameters_from_sidecar_and_dicom(scene, tmp_path, phantom)
     found = jobs.acquisition_parameters(seq, lambda uid, tag: header.get((uid, tag)))
     assert found["te"] == pytest.approx([0.005, 0.0105]) and found["b0"] == 3.0
     assert found["source"] == "DICOM"
+    # with the imaging frequency recorded, B0 is the field the phase evolved in (f / gamma)
+    header[("1.2.3", "0018,0084")] = "123.25483"
+    found = jobs.acquisition_parameters(seq, lambda uid, tag: header.get((uid, tag)))
+    assert found["b0"] == pytest.approx(123.25483 / 42.5775)
     bare = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "bare")
     assert jobs.acquisition_parameters(bare) == {"te": None, "b0": None, "source": None}

@@ -120,9 +120,21 @@ def param_args(params) -> list:
 def acquisition_parameters(node, dicom_value=None) -> dict:
     """Echo times (s) and field strength (T) recorded with a volume (or sequence) node:
     from a dcm2niix/BIDS JSON sidecar beside the file it was loaded from (``EchoTime``,
-    ``MagneticFieldStrength``), or from DICOM through ``dicom_value(instance_uid, tag)`` (in
-    Slicer: the DICOM database; tags 0018,0081 echo time in ms and 0018,0087 field strength).
+    ``ImagingFrequency`` / ``MagneticFieldStrength``), or from DICOM through
+    ``dicom_value(instance_uid, tag)`` (in Slicer: the DICOM database; tags 0018,0081 echo time
+    in ms, 0018,0084 imaging frequency in MHz, 0018,0087 field strength). B0 is the field the
+    phase evolved in, ImagingFrequency / gamma, when that is within 10 % of the nominal field
+    strength (as ``qsmkit run`` reads it: ``qsmkit.scanner.b0_from_sidecar``).
     Returns {"te": [...] or None, "b0": float or None, "source": text}."""
+    from qsmkit.errors import QSMInputError
+    from qsmkit.scanner import b0_from_sidecar
+
+    def field_of(meta):
+        try:
+            return b0_from_sidecar(meta)[0]
+        except QSMInputError:
+            return None
+
     items = [node]
     if node is not None and node.IsA("vtkMRMLSequenceNode"):
         items = [node.GetNthDataNode(i) for i in range(node.GetNumberOfDataNodes())]
@@ -136,17 +148,20 @@ def acquisition_parameters(node, dicom_value=None) -> dict:
 
             meta = read_sidecar(path)
             te_item = meta.get("EchoTime")
-            b0_item = meta.get("MagneticFieldStrength")
+            b0_item = field_of(meta)
             if te_item is not None or b0_item is not None:
                 sources.add("JSON sidecar")
         uids = (item.GetAttribute("DICOM.instanceUIDs") or "").split() if item is not None else []
         if dicom_value is not None and uids and (te_item is None or b0_item is None):
             te_ms = _number(dicom_value(uids[0], "0018,0081"))
             field = _number(dicom_value(uids[0], "0018,0087"))
+            frequency = _number(dicom_value(uids[0], "0018,0084"))
             if te_item is None and te_ms is not None:
                 te_item = te_ms / 1000.0
             if b0_item is None:
-                b0_item = field
+                b0_item = field_of({k: v for k, v in (("MagneticFieldStrength", field),
+                                                      ("ImagingFrequency", frequency))
+                                    if v is not None})
             if te_ms is not None or field is not None:
                 sources.add("DICOM")
         if isinstance(te_item, (list, tuple)):
