@@ -378,3 +378,86 @@ def test_run_field_fit_options_reach_the_fit_and_the_sidecar(sim_multi, tmp_path
         err[method] = float(np.sqrt(np.mean((d - np.median(d)) ** 2)))
     assert abs(err["nonlinear"] - err["linear"]) < 0.1 * err["linear"]
     assert err["difference"] > err["linear"]
+
+
+@pytest.fixture(scope="module")
+def sim_coils(tmp_path_factory):
+    """8 receive channels and a body coil, two echoes (5 and 10 ms)."""
+    out = tmp_path_factory.mktemp("coils")
+    assert main(["simulate", "--out", str(out), *SMALL, "--coils", "8", "--body-coil", "--te",
+                 "0.005", "0.010", "--quiet"]) == 0
+    return out
+
+
+def test_combine_equals_the_library_and_feeds_run(sim_coils, tmp_path):
+    """``qsmkit combine`` writes what ``coils.combine`` returns (body coil: bodycoil; without:
+    MCPC-3D-S), with TE and B0 in its sidecar, so that ``qsmkit run`` takes its output as is and
+    finds the true total field without 2 pi errors."""
+    from qsmkit import coils
+    from qsmkit import io as qio
+
+    s = sim_coils
+    args = ["combine", "--magnitude", str(s / "coils_magnitude.nii.gz"), "--phase",
+            str(s / "coils_phase.nii.gz"), "--quiet"]
+    assert main([*args, "--body-magnitude", str(s / "body_coil_magnitude.nii.gz"), "--body-phase",
+                 str(s / "body_coil_phase.nii.gz"), "--out-magnitude", str(tmp_path / "bm.nii.gz"),
+                 "--out-phase", str(tmp_path / "bp.nii.gz"), "--out-sensitivities",
+                 str(tmp_path / "sens.nii.gz")]) == 0
+    vol = qio.load_volume(s / "coils_magnitude.nii.gz")
+    expected = coils.combine(np.ascontiguousarray(vol.data),
+                             np.ascontiguousarray(qio.load_volume(s / "coils_phase.nii.gz").data),
+                             body=qio.load_volume(s / "body_coil_magnitude.nii.gz").data,
+                             body_phase=qio.load_volume(s / "body_coil_phase.nii.gz").data,
+                             te=[0.005, 0.010], method="bodycoil", voxel_size=vol.voxel_size)
+    # the command wraps the input phase to [-pi, pi) first (float32 rounding: ~1e-7 rad)
+    image = load(tmp_path / "bm.nii.gz") * np.exp(1j * load(tmp_path / "bp.nii.gz"))
+    assert np.abs(image - expected.image).max() < 1e-5 * np.abs(expected.image).max()
+    assert np.allclose(load(tmp_path / "sens.nii.gz"), np.abs(expected.sensitivities), atol=1e-6)
+    meta = qio.read_sidecar(tmp_path / "bp.nii.gz")
+    assert meta["method"] == "bodycoil" and meta["EchoTime"] == [0.005, 0.010]
+    assert meta["MagneticFieldStrength"] == 3.0 and meta["channels"] == 8
+
+    assert main([*args, "--out-magnitude", str(tmp_path / "m.nii.gz"), "--out-phase",
+                 str(tmp_path / "p.nii.gz")]) == 0
+    assert qio.read_sidecar(tmp_path / "p.nii.gz")["method"] == "mcpc3ds"
+    assert main(["run", "--magnitude", str(tmp_path / "m.nii.gz"), "--phase", str(tmp_path / "p.nii.gz"),
+                 "--mask", str(s / "mask_true.nii.gz"), "--out", str(tmp_path / "run"), "--quiet",
+                 "--use-fsl", "never"]) == 0
+    mask = load(s / "mask_true.nii.gz") > 0
+    d = (load(tmp_path / "run" / "field_total.nii.gz") - load(s / "field_total_true.nii.gz"))[mask]
+    d -= np.median(d)
+    assert np.sqrt(np.mean(d**2)) < 0.03 and np.abs(d).max() < 0.2  # ppm; a 2 pi error is 3.1 ppm
+
+
+def test_combine_bad_inputs(sim_coils, tmp_path, capsys):
+    s = sim_coils
+    base = ["combine", "--magnitude", str(s / "coils_magnitude.nii.gz"), "--phase",
+            str(s / "coils_phase.nii.gz"), "--out-magnitude", str(tmp_path / "m.nii.gz"),
+            "--out-phase", str(tmp_path / "p.nii.gz"), "--quiet"]
+    small = tmp_path / "body_small.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.float32), np.eye(4)), str(small))
+    cases = [
+        (["--body-magnitude", str(small), "--body-phase", str(small)], "body"),
+        (["--body-magnitude", str(s / "body_coil_magnitude.nii.gz")], "body-phase"),
+        (["--te", "0.010", "0.005"], "increas"),
+        (["--te", "0.005"], "echo"),
+        (["--method", "aspire", "--te", "0.005", "0.011"], "2"),
+    ]
+    for extra, word in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err.lower(), (extra, err)
+        assert not (tmp_path / "m.nii.gz").exists() and not (tmp_path / "p.nii.gz").exists()
+    # a channel that is all zeros
+    mag = qio_load(s / "coils_magnitude.nii.gz")
+    mag.data[..., 3] = 0
+    zero = tmp_path / "zero.nii.gz"
+    nib.save(nib.Nifti1Image(mag.data, mag.affine), str(zero))
+    assert main([*base[:2], str(zero), *base[3:]]) == 2
+    assert "zero" in capsys.readouterr().err.lower()
+
+
+def qio_load(path):
+    from qsmkit import io as qio
+
+    return qio.load_volume(path)

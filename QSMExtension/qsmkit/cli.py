@@ -332,6 +332,86 @@ def cmd_unwrap(args):
                                           **fsl}))
 
 
+def _phase_rad(vol, path):
+    """Phase of a channel or body-coil image in radians (vendor scaling per its sidecar)."""
+    return io.phase_in_rad(vol, path)
+
+
+def cmd_combine(args):
+    """Coil combination: channel images (channels in the last axis) -> one magnitude and phase
+    per echo, written as MAGNITUDE/PHASE files (4-D when there are echoes)."""
+    from . import coils
+
+    mag = io.load_volume(args.magnitude, what="channel magnitude")
+    pha = io.load_volume(args.phase, what="channel phase")
+    io.check_same_grid(mag, pha, "channel magnitude", "channel phase")
+    if mag.data.shape != pha.data.shape:
+        raise QSMInputError(f"channel magnitude shape {mag.data.shape} does not match channel "
+                            f"phase shape {pha.data.shape}", args.phase)
+    if mag.data.ndim not in (4, 5):
+        raise QSMInputError(f"channel images must be 4-D (x, y, z, channel) or 5-D (x, y, z, echo, "
+                            f"channel), got shape {mag.data.shape}", args.magnitude)
+    io.require_finite(mag.data, args.magnitude, "channel magnitude")
+    io.require_finite(pha.data, args.phase, "channel phase")
+    body = body_phase = None
+    if bool(args.body_magnitude) != bool(args.body_phase):
+        raise QSMInputError("give both --body-magnitude and --body-phase, or neither")
+    if args.body_magnitude:
+        bmag = io.load_volume(args.body_magnitude, what="body-coil magnitude")
+        bpha = io.load_volume(args.body_phase, what="body-coil phase")
+        for vol, path, what in ((bmag, args.body_magnitude, "body-coil magnitude"),
+                                (bpha, args.body_phase, "body-coil phase")):
+            io.check_same_grid(mag, vol, "channel magnitude", what)
+            io.require_finite(vol.data, path, what)
+        body, body_phase = bmag.data.astype(np.float32), _phase_rad(bpha, args.body_phase)
+    mask = load_mask(args.mask, mag) if args.mask else None
+    n_echoes = mag.data.shape[3] if mag.data.ndim == 5 else 1
+    # dcm2niix's EchoTime, or the "te" of a qsmkit simulate sidecar
+    te = list(args.te) if args.te else pha.meta.get("EchoTime", pha.meta.get("te"))
+    te = None if te is None else list(np.atleast_1d(te).astype(float))
+    method = coils.resolve_method(args.method, body is not None, n_echoes)
+    params = parse_params(args.param)
+    outs = [args.out_magnitude, args.out_phase]
+    if args.out_sensitivities:
+        outs += [args.out_sensitivities, io.image_stem(args.out_sensitivities) + "_phase.nii.gz"]
+    check_outputs(outs, [args.magnitude, args.phase, args.body_magnitude, args.body_phase, args.mask])
+    progress = Progress(1, args.quiet, "qsmkit combine")
+    t0 = time.perf_counter()
+    try:
+        # C order: the methods walk slabs of whole rows with all channels contiguous
+        res = coils.combine(np.ascontiguousarray(mag.data, dtype=np.float32),
+                            np.ascontiguousarray(_phase_rad(pha, args.phase)), body=body,
+                            body_phase=body_phase, te=te, method=method,
+                            voxel_size=mag.voxel_size, mask=mask,
+                            **({"return_sensitivities": bool(args.out_sensitivities)}
+                               if method != "phase_of_sum" else {}), **params)
+        progress(method, 1, 1)
+    finally:
+        progress.close()
+    meta = sidecar(extra={"stage": "coil combination", "method": method, "parameters": params,
+                          "info": res.info, "seconds": round(time.perf_counter() - t0, 3),
+                          "channels": int(mag.data.shape[-1]), "echoes": n_echoes, "te": te,
+                          "inputs": {"magnitude": args.magnitude, "phase": args.phase,
+                                     "body_magnitude": args.body_magnitude,
+                                     "body_phase": args.body_phase, "mask": args.mask}})
+    if te is not None:
+        meta["EchoTime"] = te if len(te) > 1 else te[0]
+    for key in ("MagneticFieldStrength", "ImagingFrequency"):
+        if key in pha.meta:  # keep what qsmkit run reads from the sidecar
+            meta[key] = pha.meta[key]
+    if "MagneticFieldStrength" not in meta and isinstance(pha.meta.get("b0"), (int, float)):
+        meta["MagneticFieldStrength"] = pha.meta["b0"]
+    io.save_volume(args.out_magnitude, res.magnitude, mag.affine, sidecar=meta)
+    io.save_volume(args.out_phase, res.phase, mag.affine, sidecar={**meta, "units": "rad"})
+    if args.out_sensitivities and res.sensitivities is not None:
+        io.save_volume(outs[2], np.abs(res.sensitivities), mag.affine, sidecar=meta)
+        io.save_volume(outs[3], np.angle(res.sensitivities), mag.affine,
+                       sidecar={**meta, "units": "rad"})
+    if not args.quiet:
+        print(f"combined {mag.data.shape[-1]} channels ({method}) in "
+              f"{time.perf_counter() - t0:.1f} s; wrote {args.out_magnitude} and {args.out_phase}")
+
+
 def cmd_background(args):
     vol, field = load_field(args.field, args.field_units, args.b0, args.te, allow_nan=True)
     mask = load_mask(args.mask, vol)
@@ -556,6 +636,12 @@ def _add_methods(p):
                         "magnitude_combination=rms|t2star|te (repeatable)")
 
 
+def _coil_methods():
+    from .coils import COMBINATION
+
+    return COMBINATION.names()
+
+
 def build_parser():
     parser = OneLineParser(prog="qsmkit", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"qsmkit {__version__}")
@@ -607,6 +693,25 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("combine", help="coil combination: channel images -> one magnitude and "
+                       "phase per echo")
+    p.add_argument("--magnitude", required=True, help="channel magnitudes, 4-D (x, y, z, channel) "
+                   "or 5-D (x, y, z, echo, channel)")
+    p.add_argument("--phase", required=True, help="channel phases, same shape (rad or vendor units)")
+    p.add_argument("--body-magnitude", help="body-coil magnitude, 3-D or 4-D (echoes)")
+    p.add_argument("--body-phase", help="body-coil phase, same shape")
+    p.add_argument("--te", nargs="+", type=float, help="echo times (s); default from a JSON sidecar")
+    p.add_argument("--mask", help="signal/object mask (default: from the magnitude)")
+    p.add_argument("--method", default="auto", choices=["auto", *_coil_methods()],
+                   help="auto: bodycoil with a body coil, else mcpc3ds for 2+ echoes, else adaptive")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--out-magnitude", required=True)
+    p.add_argument("--out-phase", required=True)
+    p.add_argument("--out-sensitivities", metavar="FILE", help="also write the channel "
+                   "sensitivities: magnitude to FILE, phase to FILE_phase.nii.gz")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_combine)
 
     p = sub.add_parser("mask", help="brain mask from magnitude")
     p.add_argument("--magnitude", nargs="+", required=True)

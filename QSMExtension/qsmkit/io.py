@@ -554,13 +554,17 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None):
     require_finite(mag.data, magnitude_paths[0], "magnitude")
     require_finite(pha.data, phase_paths[0], "phase")
     n_echoes = 1 if pha.data.ndim == 3 else pha.data.shape[3]
-    te = te if te is not None else pha.meta.get("EchoTime")
+    # dcm2niix/BIDS keys, or the "te"/"b0" of a sidecar that qsmkit itself wrote (simulate, combine)
+    own = pha.meta.get("software") == "qsmkit"
+    te = te if te is not None else pha.meta.get("EchoTime", pha.meta.get("te") if own else None)
     if te is None:
         raise QSMInputError(f"{phase_paths[0]}: missing echo time; give --te SECONDS (one per echo)")
     te = list(np.atleast_1d(te).astype(float))
     if len(te) != n_echoes:
         raise QSMInputError(f"{phase_paths[0]}: {n_echoes} echo(es) but {len(te)} echo time(s) given")
     units.check_positive("--te", te)
+    if b0 is None and own and "MagneticFieldStrength" not in pha.meta and "b0" in pha.meta:
+        b0 = pha.meta["b0"]
     if b0 is None:
         from .scanner import b0_from_sidecar
 
