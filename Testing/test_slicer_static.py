@@ -262,7 +262,7 @@ def module_dirs() -> list:
 def test_modules_exist():
     """The pipeline module and the stage modules, each added by the top-level CMakeLists."""
     names = [d.name for d in module_dirs()]
-    assert {"QSM", "QSMBackgroundRemoval", "QSMDipoleInversion"} <= set(names)
+    assert {"QSM", "QSMBackgroundRemoval", "QSMDipoleInversion", "QSMCoilCombination"} <= set(names)
     top = _strip_cmake_comments((REPO / "CMakeLists.txt").read_text())
     added = set(re.findall(r"add_subdirectory\(\s*QSMExtension/(\w+)\s*\)", top))
     assert added == set(names)
@@ -283,6 +283,7 @@ def test_qsm_bundles_qsmkit():
 
 def test_qsm_method_choices_are_qsmkit_methods():
     """The panel offers only methods the command line accepts (and says which it lacks)."""
+    import qsmkit.fsl  # noqa: F401  (registers bet and prelude)
     from qsmkit.background import BACKGROUND
     from qsmkit.inversion import INVERSION
     from qsmkit.masking import MASKING
@@ -296,6 +297,14 @@ def test_qsm_method_choices_are_qsmkit_methods():
         if set(known) - set(offered):
             warnings.warn(f"QSM.py {const} lacks {sorted(set(known) - set(offered))}", stacklevel=1)
     assert consts["DEVICE_CHOICES"] == ["auto", "cpu", "gpu"]
+
+
+def test_coil_combination_choices_are_qsmkit_methods():
+    from qsmkit.coils import COMBINATION
+
+    tree = ast.parse((EXTENSION / "QSMCoilCombination" / "QSMCoilCombination.py").read_text())
+    offered = module_constants(tree)["COMBINATION_CHOICES"]
+    assert offered[0] == "auto" and set(offered[1:]) == set(COMBINATION.names())
 
 
 def test_qsm_parameter_defaults_are_choices():

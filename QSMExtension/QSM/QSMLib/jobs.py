@@ -224,6 +224,26 @@ class QsmkitJob:
         self.args += [flag, path]
         return path
 
+    def add_channels(self, flag: str, nodes, name: str, n_echoes: int = 1) -> str:
+        """Channel images (a sequence or multi-volume of N = echoes x channels items, all
+        channels of the first echo first) as a 4-D (x, y, z, channel) or 5-D (x, y, z, echo,
+        channel) ``name.nii.gz`` passed with ``flag``."""
+        from qsmkit import io
+        from qsmkit.errors import QSMInputError
+        from qsmkit.slicer_adapter import volume_arrays
+
+        arrays = volume_arrays(nodes)
+        data = arrays.data if arrays.data.ndim == 4 else arrays.data[..., None]
+        n = data.shape[3]
+        if n_echoes < 1 or n % n_echoes:
+            raise QSMInputError(f"{n} channel images cannot be split into {n_echoes} echoes")
+        if n_echoes > 1:  # echo-major order: item e * C + c is echo e, channel c
+            data = data.reshape(data.shape[:3] + (n_echoes, n // n_echoes))
+        path = self.path(f"{name}.nii.gz")
+        io.save_volume(path, data, arrays.affine, dtype=None)
+        self.args += [flag, path]
+        return path
+
     def add_option(self, flag: str, *values):
         self.args += [flag, *[str(v) for v in values]]
 
@@ -450,6 +470,42 @@ def invert_job(field, mask, magnitude=None, method="auto", params=None, field_un
         job.add_option("--out", out)
         like = _like(field)
         job.add_output("chi", out, like, output, _name(like, "chi"), units="ppm")
+    except BaseException:
+        job.cleanup()
+        raise
+    return job
+
+
+def combine_job(magnitude, phase, body_magnitude=None, body_phase=None, n_echoes=1, te=None,
+                method="auto", params=None, output_magnitude=None, output_phase=None,
+                **job_kwargs) -> QsmkitJob:
+    """``qsmkit combine``: channel magnitude and phase (sequences or multi-volumes of
+    echoes x channels items, echo-major) -> combined magnitude and phase (rad) nodes, one
+    component per echo; optional body-coil magnitude and phase (one item per echo)."""
+    job = QsmkitJob("combine", **job_kwargs)
+    try:
+        job.add_channels("--magnitude", magnitude, "channels_magnitude", n_echoes)
+        job.add_channels("--phase", phase, "channels_phase", n_echoes)
+        if (body_magnitude is None) != (body_phase is None):
+            raise ValueError("give both the body-coil magnitude and phase, or neither")
+        if body_magnitude is not None:
+            job.add_input("--body-magnitude", body_magnitude, "body_magnitude")
+            job.add_input("--body-phase", body_phase, "body_phase")
+        if te:
+            job.add_option("--te", *[repr(float(t)) for t in te])
+        job.add_option("--method", method or "auto")
+        job.add_params("--param", params)
+        out_mag, out_pha = job.path("combined_magnitude.nii.gz"), job.path("combined_phase.nii.gz")
+        job.add_option("--out-magnitude", out_mag)
+        job.add_option("--out-phase", out_pha)
+        like = _like(magnitude)
+        # several echoes: one multi-volume (vector volume) node, a component per echo, which
+        # the QSM module takes as its multi-echo input
+        cls = "vtkMRMLVectorVolumeNode" if n_echoes > 1 else "vtkMRMLScalarVolumeNode"
+        job.add_output("magnitude", out_mag, like, output_magnitude, _name(like, "combined_magnitude"),
+                       cls)
+        job.add_output("phase", out_pha, like, output_phase, _name(like, "combined_phase"), cls,
+                       units="rad")
     except BaseException:
         job.cleanup()
         raise
