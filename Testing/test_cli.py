@@ -75,7 +75,7 @@ def test_mask_command(sim, tmp_path):
     assert main(["mask", "--magnitude", str(sim / "magnitude.nii.gz"), "--out", str(out)]) == 0
     m, t = load(out) > 0, load(sim / "mask_true.nii.gz") > 0
     assert 2 * (m & t).sum() / (m.sum() + t.sum()) > 0.9  # Dice
-    assert json.loads((tmp_path / "mask.json").read_text())["method"] == "threshold"
+    assert json.loads((tmp_path / "mask.json").read_text())["method"] in ("surface", "bet")
 
 
 def test_unwrap_command_congruent_and_right(sim, tmp_path):
@@ -205,9 +205,13 @@ def test_shape_mismatch(sim, tmp_path, capsys):
 
 
 def test_missing_te(sim, tmp_path, capsys):
+    """No --te and no EchoTime in a sidecar (a plain NIfTI): an error, nothing written."""
+    bare = tmp_path / "phase_bare.nii.gz"
+    img = nib.load(str(sim / "phase.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), str(bare))
     out = tmp_path / "o"
-    _bad(["run", "--magnitude", str(sim / "magnitude.nii.gz"), "--phase",
-          str(sim / "phase.nii.gz"), "--b0", "3", "--out", str(out)], capsys, [out], "echo time")
+    _bad(["run", "--magnitude", str(sim / "magnitude.nii.gz"), "--phase", str(bare),
+          "--b0", "3", "--out", str(out)], capsys, [out], "echo time")
 
 
 @pytest.mark.parametrize("command", ["invert", "background"])
@@ -329,10 +333,13 @@ def test_run_from_scanner_files_equals_run_in_radians(sim, tmp_path):
     assert main(["run", "--magnitude", str(sim / "magnitude.nii.gz"), "--phase", str(radians),
                  "--te", "0.02", "--b0", repr(b0), "--out", str(tmp_path / "b"), "--quiet",
                  "--use-fsl", "never"]) == 0
-    # the same phase up to float32 rounding (the two paths scale in different precisions), so
-    # the same chi up to the iterative solvers' sensitivity to the last bit
+    # the same phase up to float32 rounding (the two paths scale in different precisions): the
+    # same total field to 1e-6 ppm, and chi up to the iterative solvers' sensitivity to the last
+    # bit (a stopping test that fires one iteration apart)
+    fa, fb = load(tmp_path / "a" / "field_total.nii.gz"), load(tmp_path / "b" / "field_total.nii.gz")
+    assert np.abs(fa - fb).max() < 1e-6
     a, b = load(tmp_path / "a" / "chi.nii.gz"), load(tmp_path / "b" / "chi.nii.gz")
-    assert np.abs(a - b).max() < 2e-3 * np.abs(b).max()
+    assert np.abs(a - b).max() < 2e-2 * np.abs(b).max()
     meta = json.loads((tmp_path / "a" / "chi.json").read_text())
     assert meta["inputs"]["te"] == [0.02] and abs(meta["inputs"]["b0"] - b0) < 1e-9
     # both kinds of input at once is refused before anything is written

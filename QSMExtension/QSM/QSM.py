@@ -48,8 +48,8 @@ except ImportError:  # Slicer before 5.4
 
 # Method choices offered in the panel; each is a name qsmkit's registries know
 # (Testing/test_slicer_static.py checks it against qsmkit).
-MASKING_CHOICES = ["auto", "threshold"]
-UNWRAPPING_CHOICES = ["auto", "quality", "laplacian"]
+MASKING_CHOICES = ["auto", "surface", "threshold", "bet"]
+UNWRAPPING_CHOICES = ["auto", "romeo", "quality", "laplacian", "prelude"]
 BACKGROUND_CHOICES = ["auto", "pdf", "vsharp", "resharp"]
 INVERSION_CHOICES = ["auto", "focuss", "l2", "tkd"]
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
