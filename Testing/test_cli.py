@@ -427,6 +427,16 @@ def test_combine_equals_the_library_and_feeds_run(sim_coils, tmp_path):
     assert main([*args, "--out-magnitude", str(tmp_path / "m.nii.gz"), "--out-phase",
                  str(tmp_path / "p.nii.gz")]) == 0
     assert qio.read_sidecar(tmp_path / "p.nii.gz")["method"] == "mcpc3ds"
+    # the same channels as one complex NIfTI give the same result
+    pha = qio.load_volume(s / "coils_phase.nii.gz").data
+    cplx = tmp_path / "channels_complex.nii.gz"
+    nib.save(nib.Nifti1Image((vol.data * np.exp(1j * pha)).astype(np.complex64), vol.affine), str(cplx))
+    assert main(["combine", "--magnitude", str(cplx), "--te", "0.005", "0.010", "--quiet",
+                 "--out-magnitude", str(tmp_path / "cm.nii.gz"), "--out-phase",
+                 str(tmp_path / "cp.nii.gz")]) == 0
+    a = load(tmp_path / "m.nii.gz") * np.exp(1j * load(tmp_path / "p.nii.gz"))
+    b = load(tmp_path / "cm.nii.gz") * np.exp(1j * load(tmp_path / "cp.nii.gz"))
+    assert np.abs(a - b).max() < 1e-4 * np.abs(a).max()
     assert main(["run", "--magnitude", str(tmp_path / "m.nii.gz"), "--phase", str(tmp_path / "p.nii.gz"),
                  "--mask", str(s / "mask_true.nii.gz"), "--out", str(tmp_path / "run"), "--quiet",
                  "--use-fsl", "never"]) == 0
@@ -468,3 +478,24 @@ def qio_load(path):
     from qsmkit import io as qio
 
     return qio.load_volume(path)
+
+
+def test_field_command_writes_ppm_hz_noise_and_weights(sim_multi, tmp_path):
+    """``qsmkit field``: the multi-echo fit's field in ppm and Hz (consistent with each other
+    and with the truth), its noise SD and PDF's weights (1/SD, mean 1 in the mask)."""
+    stem = tmp_path / "fm"
+    assert main(["field", "--magnitude", str(sim_multi / "magnitude.nii.gz"), "--phase",
+                 str(sim_multi / "phase.nii.gz"), "--mask", str(sim_multi / "mask_true.nii.gz"),
+                 "--out", str(stem), "--quiet", "--use-fsl", "never"]) == 0
+    mask = load(sim_multi / "mask_true.nii.gz") > 0
+    ppm, hz = load(f"{stem}_ppm.nii.gz"), load(f"{stem}_hz.nii.gz")
+    assert np.allclose(hz[mask], ppm[mask] * 3.0 * 42.5775, rtol=1e-5, atol=1e-4)
+    d = (ppm - load(sim_multi / "field_total_true.nii.gz"))[mask]
+    assert np.sqrt(np.mean((d - np.median(d)) ** 2)) * 3.0 * 42.5775 < 2.0  # Hz, 3 echoes to 15 ms
+    sd, w = load(f"{stem}_noise_sd_ppm.nii.gz"), load(f"{stem}_weights.nii.gz")
+    assert abs(w[mask].mean() - 1) < 1e-3 and np.all(sd[mask] > 0)
+    # weights are 1/SD up to their normalisation
+    ratio = (w * sd)[mask]
+    assert np.allclose(ratio, ratio.mean(), rtol=1e-3)
+    meta = json.loads((tmp_path / "fm_ppm.json").read_text())
+    assert meta["te"] == [0.005, 0.01, 0.015] and meta["info"]["field_method"] == "linear"

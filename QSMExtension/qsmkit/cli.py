@@ -343,7 +343,16 @@ def cmd_combine(args):
     from . import coils
 
     mag = io.load_volume(args.magnitude, what="channel magnitude")
-    pha = io.load_volume(args.phase, what="channel phase")
+    if np.iscomplexobj(mag.data):  # complex channel images: magnitude and phase in one file
+        if args.phase:
+            raise QSMInputError("the channel images are complex: give them without --phase",
+                                args.magnitude)
+        pha = io.Volume(np.angle(mag.data).astype(np.float32), mag.affine, mag.path, dict(mag.meta))
+        mag = io.Volume(np.abs(mag.data).astype(np.float32), mag.affine, mag.path, mag.meta)
+    elif not args.phase:
+        raise QSMInputError("give --phase, or complex channel images", args.magnitude)
+    else:
+        pha = io.load_volume(args.phase, what="channel phase")
     io.check_same_grid(mag, pha, "channel magnitude", "channel phase")
     if mag.data.shape != pha.data.shape:
         raise QSMInputError(f"channel magnitude shape {mag.data.shape} does not match channel "
@@ -410,6 +419,48 @@ def cmd_combine(args):
     if not args.quiet:
         print(f"combined {mag.data.shape[-1]} channels ({method}) in "
               f"{time.perf_counter() - t0:.1f} s; wrote {args.out_magnitude} and {args.out_phase}")
+
+
+def cmd_field(args):
+    """Total field from (multi-)echo magnitude and phase: the field in ppm and Hz, its noise SD
+    and the noise weights for background removal, and the echo-combined magnitude."""
+    from .echoes import fit_field
+
+    mag, pha, te, b0 = _read_inputs(args)
+    mask = load_mask(args.mask, pha) if args.mask else None
+    if mask is None:
+        method = MASKING.resolve(args.masking)
+        mask = MASKING.get(method).func(combine_magnitude(mag.data), pha.voxel_size)
+    stem = args.out
+    outs = {"field_ppm": f"{stem}_ppm.nii.gz", "field_hz": f"{stem}_hz.nii.gz",
+            "noise_sd_ppm": f"{stem}_noise_sd_ppm.nii.gz", "weights": f"{stem}_weights.nii.gz",
+            "magnitude_combined": f"{stem}_magnitude.nii.gz", "mask": f"{stem}_mask.nii.gz"}
+    check_outputs(outs.values(), [*(args.magnitude or []), *(args.phase or []), args.mask])
+    unwrap_method = UNWRAPPING.resolve(args.unwrapping)
+    unwrap = UNWRAPPING.get(unwrap_method).func
+    uparams = parse_params(args.unwrapping_param)
+    mag3 = combine_magnitude(mag.data)
+
+    def unwrap3(p, mask=None):
+        return unwrap(p, mask=mask, voxel_size=pha.voxel_size, magnitude=mag3, **uparams)
+
+    params = parse_params(args.field_param)
+    t0 = time.perf_counter()
+    fit = fit_field(mag.data, pha.data, te, b0, unwrap3, mask, **params)
+    meta = sidecar(extra={"stage": "field", "unwrapping": unwrap_method,
+                          "unwrapping_parameters": uparams, "parameters": params, "info": fit.info,
+                          "te": te, "b0": b0, "seconds": round(time.perf_counter() - t0, 3),
+                          "inputs": {"magnitude": args.magnitude, "phase": args.phase,
+                                     "dicom": args.dicom, "mask": args.mask}})
+    units_of = {"field_ppm": "ppm", "field_hz": "Hz", "noise_sd_ppm": "ppm", "weights": "1",
+                "magnitude_combined": "a.u.", "mask": "1"}
+    for name, path in outs.items():
+        data = mask if name == "mask" else getattr(fit, name)
+        io.save_volume(path, data, pha.affine, sidecar={**meta, "units": units_of[name]},
+                       dtype=np.uint8 if name == "mask" else np.float32)
+    if not args.quiet:
+        print(f"field from {len(te)} echo(es) ({fit.info.get('field_method', 'single echo')}); "
+              f"wrote {stem}_ppm.nii.gz, _hz, _noise_sd_ppm, _weights, _magnitude, _mask")
 
 
 def cmd_background(args):
@@ -697,8 +748,8 @@ def build_parser():
     p = sub.add_parser("combine", help="coil combination: channel images -> one magnitude and "
                        "phase per echo")
     p.add_argument("--magnitude", required=True, help="channel magnitudes, 4-D (x, y, z, channel) "
-                   "or 5-D (x, y, z, echo, channel)")
-    p.add_argument("--phase", required=True, help="channel phases, same shape (rad or vendor units)")
+                   "or 5-D (x, y, z, echo, channel); or complex channel images (then no --phase)")
+    p.add_argument("--phase", help="channel phases, same shape (rad or vendor units)")
     p.add_argument("--body-magnitude", help="body-coil magnitude, 3-D or 4-D (echoes)")
     p.add_argument("--body-phase", help="body-coil phase, same shape")
     p.add_argument("--te", nargs="+", type=float, help="echo times (s); default from a JSON sidecar")
@@ -712,6 +763,28 @@ def build_parser():
                    "sensitivities: magnitude to FILE, phase to FILE_phase.nii.gz")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_combine)
+
+    p = sub.add_parser("field", help="total field from (multi-)echo magnitude and phase: ppm, Hz, "
+                       "noise SD and PDF weights")
+    p.add_argument("--magnitude", nargs="+", help="4-D file or one file per echo")
+    p.add_argument("--phase", nargs="+", help="4-D file or one file per echo")
+    p.add_argument("--dicom", nargs="+", metavar="PATH", help="DICOM / dcm2niix input instead")
+    p.add_argument("--series", nargs="+", type=int, metavar="N")
+    p.add_argument("--te", nargs="+", type=float, help="echo times (s); default from a JSON sidecar")
+    p.add_argument("--b0", type=float, help="field strength (T); default from a JSON sidecar")
+    p.add_argument("--mask", help="brain mask (default: computed with --masking)")
+    p.add_argument("--out", required=True, help="output stem: STEM_ppm.nii.gz, STEM_hz.nii.gz, "
+                   "STEM_noise_sd_ppm.nii.gz, STEM_weights.nii.gz, STEM_magnitude.nii.gz, "
+                   "STEM_mask.nii.gz")
+    _add_fsl(p)
+    p.add_argument("--masking", default="auto", choices=MASKING.choices())
+    p.add_argument("--unwrapping", default="auto", choices=UNWRAPPING.choices())
+    p.add_argument("--unwrapping-param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--field-param", action="append", metavar="KEY=VALUE",
+                   help="method=linear|nonlinear|difference, offset=fit|none, "
+                        "magnitude_combination=rms|t2star|te, noise_sigma=SD")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_field)
 
     p = sub.add_parser("mask", help="brain mask from magnitude")
     p.add_argument("--magnitude", nargs="+", required=True)
