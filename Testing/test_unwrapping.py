@@ -17,6 +17,17 @@ from the truth) bounds what any method can get, and is reported beside each bar.
   values (3 T: 99.33 % of the brain mask; 7 T: 98.15 % of the surface mask, 95.76 % of the brain
   mask, bound 98.27 %, where the vein and the rim alias), every wrong voxel lies in that outer
   layer at 3 T, and ROMEO beats scikit-image's quality-guided unwrapper (the former default).
+- Built-in phantom with the voxel-integrated signal (``simulate_acquisition(supersample=...)``:
+  the complex signal computed on a finer grid and block averaged, as a scanner integrates over
+  the voxel): partial volumes smooth the phase where the point-sampled phase aliases. Truth: the
+  unwrapped phase of the noise-free integrated signal (``acq.true_phase``). On 128 x 128 x 32
+  voxels of 1.875 x 1.875 x 5 mm, 2 x 2 x 6 sub-voxels (0.94 x 0.94 x 0.83 mm), the issue's
+  99.9 % holds in the ``surface`` mask at 3 T and 7 T (measured 100.000 and 99.943 %; seeds 0-3:
+  99.932-99.943 % at 7 T) and in the brain mask at 3 T (99.940 %); the 7 T brain mask stays below
+  it (99.10 %, bound 99.39 %). On the default 256 x 256 x 64 grid (2 x 2 x 6): surface 100.000 and
+  99.988 %, brain 99.990 and 99.658 % (bound 99.807 %). The figures grow with the sub-sampling
+  (the block mean is a midpoint rule for the voxel integral): at 7 T on 256 x 256 x 64 the brain
+  mask went 98.37, 99.24, 99.66, 99.79 % for 2, 3, 2 x 2 x 6, 3 x 3 x 8 sub-voxels.
 """
 
 import numpy as np
@@ -26,7 +37,7 @@ from scipy.sparse.csgraph import connected_components
 
 from qsmkit import masking, unwrapping
 from qsmkit.errors import QSMInputError
-from qsmkit.simulate import make_phantom, simulate_acquisition
+from qsmkit.simulate import make_phantom, simulate_acquisition, supersampled_signal
 from qsmkit.units import ppm_to_rad, wrap_phase
 
 romeo = unwrapping.unwrap_romeo
@@ -135,6 +146,105 @@ def test_multi_echo_romeo_recovers_every_echo(phantom):
         truth = ppm_to_rad(phantom.field_total.astype(np.float64), 3.0, t)
         assert right_fraction(u[..., e], truth, phantom.mask) >= 0.9999
         np.testing.assert_allclose(u[..., e][phantom.mask], truth[phantom.mask], atol=0.5)
+
+
+# ------------------------------------------------------ phantom, voxel-integrated signal
+
+
+def block_mean(x, f):
+    """Mean of each f[0] x f[1] x f[2] block (the coarse voxel of a grid f times finer)."""
+    n = [s // k for s, k in zip(x.shape, f)]
+    return x.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
+
+
+def test_supersampled_signal_is_the_block_mean_of_the_fine_phantom():
+    """Against an independent fine phantom (make_phantom at twice the resolution, same field of
+    view; 2.5 mm keeps both grids' vein radius at 1.75 mm): the fine voxel centres nest in the
+    coarse voxels, the field lives in the same periodic box, and each coarse signal is the complex
+    mean of its 8 fine voxels."""
+    coarse = make_phantom((64, 80, 64), (2.5, 2.5, 2.5))
+    fine = make_phantom((128, 160, 128), (1.25, 1.25, 1.25))
+    assert coarse.scale == fine.scale == 1.0
+    f = (2, 2, 2)
+    # labels: every block of identical fine labels has that label on the coarse grid
+    blocks = fine.labels.reshape(64, 2, 80, 2, 64, 2)
+    lo, hi = blocks.min(axis=(1, 3, 5)), blocks.max(axis=(1, 3, 5))
+    uniform = lo == hi
+    assert uniform.mean() > 0.9
+    assert np.array_equal(lo[uniform], coarse.labels[uniform])
+    # field: the same box (D(0) = 0 fixes the mean over it): block means agree inside tissue
+    inner = ndimage.binary_erosion(uniform, iterations=2) & coarse.mask
+    diff = np.abs(block_mean(fine.field_total.astype(np.float64), f) - coarse.field_total)[inner]
+    assert np.median(diff) < 0.003 and diff.max() < 0.06  # ppm; partial volumes near the vein
+    # signal: the complex mean of the fine point-sampled acquisition
+    b0, te = 7.0, 0.025
+    signal, truth = supersampled_signal(coarse, (te,), b0, factor=2)
+    acq = simulate_acquisition(fine, te=(te,), b0=b0, snr=None, phase_offset=False)
+    z = acq.magnitude[..., 0].astype(np.float64) * np.exp(1j * acq.phase[..., 0])
+    np.testing.assert_allclose(signal[..., 0], block_mean(z, f), atol=2e-4)
+    # the truth is the signal's phase, unwrapped near the field's own phase where it is smooth
+    bright = np.abs(signal[..., 0]) > 0.02
+    assert np.abs(wrap_phase(truth[..., 0] - np.angle(signal[..., 0])))[bright].max() < 1e-6
+    point = ppm_to_rad(coarse.field_total.astype(np.float64), b0, te)
+    assert np.median(np.abs(truth[..., 0] - point)[inner]) < 0.15
+
+
+def test_supersampled_acquisition_adds_offset_and_noise_on_the_coarse_grid():
+    ph = make_phantom((64, 64, 16), (3.75, 3.75, 10.0))
+    te, b0 = (0.005, 0.015), 3.0
+    clean = simulate_acquisition(ph, te=te, b0=b0, snr=None, supersample=(1, 2, 3))
+    signal, truth = supersampled_signal(ph, te, b0, factor=(1, 2, 3))
+    rotated = signal * np.exp(1j * clean.phase_offset.astype(np.float64))[..., None]
+    np.testing.assert_allclose(clean.magnitude, np.abs(signal), atol=1e-6)
+    bright = clean.magnitude > 0.02
+    assert np.abs(wrap_phase(clean.phase - np.angle(rotated)))[bright].max() < 1e-5
+    np.testing.assert_allclose(clean.true_phase, truth + clean.phase_offset[..., None], atol=1e-4)
+    noisy = simulate_acquisition(ph, te=te, b0=b0, snr=50, supersample=(1, 2, 3), seed=4)
+    residual = noisy.magnitude * np.exp(1j * noisy.phase) - rotated
+    assert abs(residual.real.std() / (1 / 50) - 1) < 0.02  # SD 1/snr per channel
+    point = simulate_acquisition(ph, te=te, b0=b0, snr=None)  # default: true phase at centres
+    np.testing.assert_allclose(point.true_phase[..., 1], ppm_to_rad(
+        ph.field_total.astype(np.float64), b0, te[1]) + point.phase_offset, atol=1e-4)
+    for bad in (0, 1.5, (2, 2), True, "2"):
+        with pytest.raises(QSMInputError, match="supersampl"):
+            simulate_acquisition(ph, supersample=bad)
+
+
+#: 2 x 2 x 6 sub-voxels of 0.94 x 0.94 x 0.83 mm (the figures in the module docstring)
+SUPERSAMPLE = (2, 2, 6)
+
+
+@pytest.fixture(scope="module")
+def small_phantom():
+    return make_phantom((128, 128, 32), (1.875, 1.875, 5.0))
+
+
+@pytest.mark.parametrize("case", list(PHANTOM_BARS))
+def test_romeo_on_the_voxel_integrated_phantom(small_phantom, case):
+    """The issue's bar, 99.9 %, in the surface mask at 3 T and 7 T and in the brain mask at 3 T,
+    where voxel-centre sampling of the same phantom misses it."""
+    ph = small_phantom
+    b0, te = PHANTOM_BARS[case][:2]
+    acq = simulate_acquisition(ph, te=(te,), b0=b0, snr=100, seed=0, supersample=SUPERSAMPLE)
+    phase, mag, truth = acq.phase[..., 0], acq.magnitude[..., 0], acq.true_phase[..., 0]
+    surface = masking.mask_surface(mag, ph.voxel_size)
+    vs = ph.voxel_size
+    got_surface = right_fraction(romeo(phase, mask=surface, voxel_size=vs, magnitude=mag),
+                                 truth, surface)
+    got_brain = right_fraction(romeo(phase, mask=ph.mask, voxel_size=vs, magnitude=mag),
+                               truth, ph.mask)
+    bound = recoverable_fraction(truth, ph.mask)
+    p_phase, p_mag, p_truth, p_surface = phantom_data(ph, b0, te)
+    point = right_fraction(romeo(p_phase, mask=p_surface, voxel_size=vs, magnitude=p_mag),
+                           p_truth, p_surface)
+    print(f"voxel-integrated phantom {case}: right {100 * got_surface:.3f} % of the surface mask "
+          f"(point-sampled {100 * point:.3f} %), {100 * got_brain:.3f} % of the brain "
+          f"(bound {100 * bound:.3f} %)")
+    assert got_surface >= 0.999 > point
+    if case == "3T":
+        assert got_brain >= 0.999
+    else:  # measured 99.10 % (bound 99.39 %): the brain mask's outer CSF layer still aliases
+        assert got_brain >= 0.99
 
 
 # -------------------------------------------------------------------------- head model

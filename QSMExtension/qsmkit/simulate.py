@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import units
+from . import backend, units
+from . import dipole as dipole_mod
 from .dipole import forward_field
 from .errors import QSMInputError
 
@@ -191,6 +192,7 @@ class Phantom:
     vessel_axis: np.ndarray = field(default_factory=lambda: np.zeros(3))
     vessel_angle_deg: float = MAGIC_ANGLE_DEG
     scale: float = 1.0
+    pad: object = None  # zero padding of the field FFTs (make_phantom's ``pad``); None: half the shape
 
     @property
     def shape(self):
@@ -205,6 +207,8 @@ class Acquisition:
     ``noise_sigma`` in each of the real and imaginary parts. Coil images are
     ``sensitivities[..., c] * signal + noise`` (same ``noise_sigma``), the body-coil
     image ``body_sensitivity * signal + noise`` with SD ``noise_sigma * 3``.
+    ``true_phase`` (X, Y, Z, E) is the unwrapped phase of the noise-free signal, what an
+    unwrapper should recover up to one global multiple of 2 pi.
     """
 
     magnitude: np.ndarray
@@ -220,6 +224,7 @@ class Acquisition:
     sensitivities: np.ndarray | None = None
     phase_offset: np.ndarray | None = None
     body_sensitivity: np.ndarray | None = None
+    true_phase: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------- helpers
@@ -342,25 +347,12 @@ def _check_grid(shape, voxel_size, b0_dir):
 # ---------------------------------------------------------------------- phantom
 
 
-def make_phantom(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), b0_dir=(0, 0, 1),
-                 seed=0, vessel_angle_deg=MAGIC_ANGLE_DEG, pad=None) -> Phantom:
-    """Build the head phantom on a grid.
-
-    Parameters
-    ----------
-    shape, voxel_size : grid (voxels, mm). Default: the original 3 T protocol.
-    b0_dir : B0 direction in voxel axes (normalised here).
-    seed : accepted for symmetry with ``simulate_acquisition``; the anatomy is
-        deterministic and does not depend on it.
-    vessel_angle_deg : angle between the vein's axis and B0 (default: magic angle).
-    pad : zero padding (voxels per side) of the forward-field FFTs; default half the
-        shape on each axis.
-    """
-    del seed  # the anatomy is fixed
-    shape, vox, b = _check_grid(shape, voxel_size, b0_dir)
-    coords = grid_coordinates(shape, vox)
-    half_fov = np.asarray(shape) * vox / 2.0
-    s = float(min(1.0, np.min(FIT_FRACTION * half_fov / np.asarray(HEAD_SEMI_MM))))
+def _anatomy(coords, b, vessel_angle_deg, s, min_radius_mm):
+    """Labels, intracranial mask, vessel mask and vessel axis at the points of the grid with
+    1-D coordinates ``coords`` (mm, sorted; any sub-block of ``grid_coordinates`` gives that
+    block of the full grid), for the anatomy scaled by ``s``; the vein's radius is at least
+    ``min_radius_mm`` (make_phantom uses 0.6 of its largest voxel size: about a voxel wide)."""
+    shape = tuple(c.size for c in coords)
 
     def sc(v):
         return np.asarray(v, float) * s
@@ -382,7 +374,7 @@ def make_phantom(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), b0_dir=
     axis = vessel_direction(b, vessel_angle_deg)
     vc = sc(VESSEL_CENTRE_MM)
     half_len = VESSEL_LENGTH_MM * s / 2.0
-    radius = max(VESSEL_RADIUS_MM * s, 0.6 * float(vox.max()))  # at least ~1 voxel wide
+    radius = max(VESSEL_RADIUS_MM * s, min_radius_mm)
     ext = np.abs(axis) * half_len + radius
     sl = _box(coords, vc - ext, vc + ext)
     vessel_mask = np.zeros(shape, dtype=bool)
@@ -402,6 +394,30 @@ def make_phantom(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), b0_dir=
             _paint_ellipsoid(labels, coords, c, sc(semi), LABEL_IDS["air_cavity"])
     mask = intracranial & (labels != LABEL_IDS["air_cavity"])
     vessel_mask &= labels == LABEL_IDS["vessel"]
+    return labels, mask, vessel_mask, axis
+
+
+def make_phantom(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), b0_dir=(0, 0, 1),
+                 seed=0, vessel_angle_deg=MAGIC_ANGLE_DEG, pad=None) -> Phantom:
+    """Build the head phantom on a grid.
+
+    Parameters
+    ----------
+    shape, voxel_size : grid (voxels, mm). Default: the original 3 T protocol.
+    b0_dir : B0 direction in voxel axes (normalised here).
+    seed : accepted for symmetry with ``simulate_acquisition``; the anatomy is
+        deterministic and does not depend on it.
+    vessel_angle_deg : angle between the vein's axis and B0 (default: magic angle).
+    pad : zero padding (voxels per side) of the forward-field FFTs; default half the
+        shape on each axis.
+    """
+    del seed  # the anatomy is fixed
+    shape, vox, b = _check_grid(shape, voxel_size, b0_dir)
+    half_fov = np.asarray(shape) * vox / 2.0
+    s = float(min(1.0, np.min(FIT_FRACTION * half_fov / np.asarray(HEAD_SEMI_MM))))
+
+    labels, mask, vessel_mask, axis = _anatomy(grid_coordinates(shape, vox), b, vessel_angle_deg,
+                                               s, 0.6 * float(vox.max()))
 
     n_lab = max(LABELS) + 1
     chi_lut = np.array([CHI_PPM.get(i, 0.0) for i in range(n_lab)], dtype=np.float32)
@@ -442,6 +458,7 @@ def make_phantom(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), b0_dir=
         vessel_axis=axis,
         vessel_angle_deg=float(vessel_angle_deg),
         scale=s,
+        pad=pad,
     )
 
 
@@ -527,8 +544,154 @@ def _mag_phase(s):
     return np.abs(s).astype(np.float32, copy=False), ph
 
 
+def _block_mean(x, factors):
+    """Mean over non-overlapping blocks of ``factors`` (3 ints) voxels of a 3-D array."""
+    (fx, fy, fz), (nx, ny, nz) = factors, (n // f for n, f in zip(x.shape, factors, strict=True))
+    return x.reshape(nx, fx, ny, fy, nz, fz).mean(axis=(1, 3, 5))
+
+
+def _supersampling_factors(factor):
+    """3 integers >= 1 from an int or a sequence of 3 (QSMInputError otherwise)."""
+    try:
+        f = np.broadcast_to(np.asarray(factor), (3,))
+        ok = f.dtype.kind in "iuf" and np.all(np.asarray(f, float) == np.round(np.asarray(f, float)))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or np.any(np.asarray(f, float) < 1):
+        raise QSMInputError(f"supersampling factor must be an integer >= 1 or 3 of them, got {factor}")
+    return tuple(int(v) for v in f)
+
+
+def _dipole_kernel_slab(big, voxel_size, b, kz):
+    """Samples ``kz`` (indices along the half-spectrum last axis) of the dipole kernel of an FFT
+    box ``big``: the same D(k) as ``qsmkit.dipole.dipole_kernel`` (float32, D(0) = 0, the odd
+    cross terms zero at Nyquist), built a slab at a time so the whole kernel is never held."""
+    f32 = np.float32
+    k, ks = [], []
+    for ax, (n, d) in enumerate(zip(big, voxel_size, strict=True)):
+        half = ax == 2
+        a = dipole_mod.k_frequencies(n, d, half=half)
+        a_sym = dipole_mod.k_frequencies(n, d, half=half, nyquist_zero=True)
+        if half:
+            a, a_sym = a[kz], a_sym[kz]
+        view = [1, 1, 1]
+        view[ax] = a.size
+        k.append(a.reshape(view).astype(f32))
+        ks.append(a_sym.reshape(view).astype(f32))
+    kb_sym = sum(s * f32(bi) for s, bi in zip(ks, b, strict=True))
+    kb2 = kb_sym * kb_sym + sum(f32(bi * bi) * (ki * ki - si * si)
+                                for ki, si, bi in zip(k, ks, b, strict=True))
+    k2 = k[0] * k[0] + k[1] * k[1] + k[2] * k[2]
+    origin = k2 == 0  # the k = 0 sample only
+    k2[origin] = 1
+    d = f32(1 / 3) - kb2 / k2
+    d[origin] = 0
+    return d
+
+
+def _field_half_spectrum(chi_slab, shape, voxel_size, b0_dir, big, chunk=8):
+    """The field of a susceptibility (ppm) zero-padded into the periodic box ``big``, as its
+    real-FFT half spectrum along the last axis only: (X, Y, big_z // 2 + 1) complex64. The inverse
+    real FFT of ``[i0:i1]`` along the last axis (length ``big_z``, first Z samples kept) gives
+    ``forward_field(chi, pad=...)[i0:i1]``. ``chi_slab(i0, i1)`` returns ``chi[i0:i1]`` (float32),
+    so the susceptibility is never held whole: one axis at a time, the box is never allocated
+    (the 4x supersampled phantom would need tens of GB through ``forward_field``)."""
+    nx, ny, nz = shape
+    px, py, pz = big
+    spec = np.empty((nx, ny, pz // 2 + 1), dtype=np.complex64)
+    for i in range(0, nx, chunk):
+        spec[i:i + chunk] = backend.rfftn(chi_slab(i, min(i + chunk, nx)), s=(pz,), axes=(2,))
+    step = max(1, 2**24 // (px * py))  # kz samples per pass: ~128 MB of (px, py) planes
+    for j in range(0, spec.shape[2], step):
+        sl = slice(j, min(j + step, spec.shape[2]))
+        t = backend.fftn(spec[:, :, sl], s=(px, py), axes=(0, 1))
+        t *= _dipole_kernel_slab(big, voxel_size, b0_dir, np.arange(sl.start, sl.stop))
+        spec[:, :, sl] = backend.ifftn(t, axes=(0, 1))[:nx, :ny]
+    return spec
+
+
+def supersampled_signal(phantom: Phantom, te, b0, factor=2, chunk=4):
+    """Noise-free voxel-integrated GRE signal of the phantom's anatomy, without receiver phase.
+
+    A scanner measures the complex signal integrated over each voxel, not the phase at its
+    centre: partial volumes and the intravoxel dephasing of the field's variation average the
+    spins' phasors (Yablonskiy & Haacke, Magn Reson Med 32:749, 1994). As in the QSM challenge
+    2.0 simulation (Marques et al., Magn Reson Med 85:1809, 2021: simulated at high resolution,
+    then down-sampled), the anatomy is rebuilt on a grid ``factor`` times finer with the same
+    field of view (fine voxel centres ``(j - (n f - 1) / 2) d / f``, so each voxel is exactly
+    the mean of its block of fine voxels), the field of ``chi - CHI_AIR_PPM`` is computed there
+    in the same physical periodic box as ``make_phantom`` (``f`` times the padded FFT shape of
+    ``phantom.pad``), and ``magnitude exp(-TE/T2*) exp(i 2 pi gamma B0 TE field)`` is block
+    averaged (complex mean) onto the phantom's grid. The block mean is the midpoint rule for
+    the voxel integral: it converges as ``factor`` grows (see Testing/test_unwrapping.py).
+
+    Only the phantom's grid, ``b0_dir``, ``vessel_angle_deg``, ``scale`` and ``pad`` are used,
+    not its maps; the vein keeps the phantom's radius (at least 0.6 of its largest voxel).
+
+    Parameters
+    ----------
+    phantom : from ``make_phantom``; te : echo times (s); b0 : tesla
+    factor : int or 3 ints >= 1, supersampling per axis (e.g. ``(2, 2, 6)`` for near-isotropic
+        0.47 mm sub-voxels of the default 0.9375 x 0.9375 x 2.5 mm grid)
+    chunk : phantom slices (axis 0) processed at a time
+
+    Returns
+    -------
+    signal : (X, Y, Z, E) complex128, the block-averaged signal (maximum modulus 1)
+    true_phase : (X, Y, Z, E) float64, its phase unwrapped against the amplitude-weighted mean
+        ``ref`` of the continuous fine phase over the block: ``ref + wrap(angle(signal) - ref)``,
+        the circular mean nearest the field's own phase where the block's phases spread less
+        than pi (the choice is arbitrary only where the voxel's signal has cancelled).
+    """
+    te = tuple(float(t) for t in np.atleast_1d(np.asarray(te, dtype=float)))
+    units.check_positive("echo time (s)", te)
+    units.check_positive("B0 (tesla)", b0)
+    fac = _supersampling_factors(factor)
+    shape = tuple(phantom.chi.shape)
+    vox = np.asarray(phantom.voxel_size, float)
+    b = np.asarray(phantom.b0_dir, float)
+    fine_shape = tuple(n * f for n, f in zip(shape, fac, strict=True))
+    fine_vox = vox / np.asarray(fac, float)
+    coords = grid_coordinates(fine_shape, fine_vox)
+    pad = tuple(n // 2 for n in shape) if phantom.pad is None else phantom.pad
+    big = tuple(f * n for f, n in zip(fac, dipole_mod.padded_shape(shape, pad), strict=True))
+    min_radius = 0.6 * float(vox.max())
+    n_lab = max(LABELS) + 1
+    chi_lut = np.array([CHI_PPM.get(i, 0.0) - CHI_AIR_PPM for i in range(n_lab)], np.float32)
+    mag_lut = np.array([MAGNITUDE.get(i, 0.0) for i in range(n_lab)], np.float64)
+    rate_lut = np.array([1e3 / T2STAR_MS.get(i, 1.0) for i in range(n_lab)], np.float64)
+
+    def labels(i0, i1):  # fine slices [i0, i1) of axis 0, painted on the fly (points are independent)
+        return _anatomy([coords[0][i0:i1], coords[1], coords[2]], b, phantom.vessel_angle_deg,
+                        phantom.scale, min_radius)[0]
+
+    fx = fac[0]
+    spec = _field_half_spectrum(lambda i0, i1: chi_lut[labels(i0, i1)], fine_shape, fine_vox, b,
+                                big, chunk=chunk * fx)
+    n_e = len(te)
+    signal = np.empty(shape + (n_e,), np.complex128)
+    truth = np.empty(shape + (n_e,), np.float64)
+    omega = 2 * np.pi * units.larmor_hz(b0) * 1e-6  # rad/s per ppm
+    for i in range(0, shape[0], chunk):
+        cs = slice(i, min(i + chunk, shape[0]))
+        lab = labels(cs.start * fx, cs.stop * fx)
+        fld = backend.irfftn(spec[cs.start * fx:cs.stop * fx], s=(big[2],), axes=(2,))
+        fld = fld[..., :fine_shape[2]].astype(np.float64)
+        m0, rate = mag_lut[lab], rate_lut[lab]
+        for e, t in enumerate(te):
+            phi = (omega * t) * fld
+            amp = m0 * np.exp(-t * rate)
+            s = _block_mean(amp * np.exp(1j * phi), fac)
+            w = _block_mean(amp, fac)
+            ref = np.where(w > 0, _block_mean(amp * phi, fac) / np.where(w > 0, w, 1),
+                           _block_mean(phi, fac))
+            signal[cs, ..., e] = s
+            truth[cs, ..., e] = ref + units.wrap_phase(np.angle(s) - ref)
+    return signal, truth
+
+
 def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coils=0,
-                         body_coil=False, phase_offset=True, seed=0) -> Acquisition:
+                         body_coil=False, phase_offset=True, seed=0, supersample=1) -> Acquisition:
     """Gradient-echo magnitude and phase of ``phantom``.
 
     Signal per echo: ``magnitude * exp(-TE/T2*) * exp(i (2 pi gamma B0 TE field_total 1e-6
@@ -543,6 +706,15 @@ def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coi
     n_coils : > 0 adds coil-by-coil images with known sensitivities
     body_coil : adds a body-coil image (SNR ``snr / 3``)
     phase_offset : add the smooth echo-independent receiver phase
+    supersample : 1 (default) samples the signal at the voxel centres. An integer > 1 or 3
+        integers (per axis) give the voxel-integrated signal instead: the anatomy is rebuilt that
+        many times finer and the complex signal block-averaged (``supersampled_signal``), so
+        partial volumes and intravoxel dephasing shape magnitude and phase as on a scanner; the
+        smooth receiver phase, coil sensitivities and noise are then applied on the phantom's
+        grid as for 1. Only the phantom's geometry is used then, not its maps.
+
+    ``true_phase`` of the result is ``ppm_to_rad(field_total) + offset`` for ``supersample=1``,
+    else the unwrapped phase of the block-averaged signal plus the offset.
     """
     te = tuple(float(t) for t in np.atleast_1d(np.asarray(te, dtype=float)))
     units.check_positive("echo time (s)", te)
@@ -556,18 +728,24 @@ def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coi
     n_coils = int(n_coils)
     if n_coils < 0:
         raise QSMInputError(f"number of coils must be >= 0, got {n_coils}")
+    point_sampled = _supersampling_factors(supersample) == (1, 1, 1)
 
     shape = phantom.chi.shape
     n_e = len(te)
     rng = np.random.default_rng(seed)
     offset = (smooth_phase_offset(shape, phantom.voxel_size) if phase_offset
               else np.zeros(shape, dtype=np.float64))
-    omega = (2 * np.pi * units.larmor_hz(b0) * 1e-6) * phantom.field_total.astype(np.float64)
-    rate = 1.0 / (phantom.t2star_ms.astype(np.float64) * 1e-3)
-    m0 = phantom.magnitude.astype(np.float64)
+    if point_sampled:
+        omega = (2 * np.pi * units.larmor_hz(b0) * 1e-6) * phantom.field_total.astype(np.float64)
+        rate = 1.0 / (phantom.t2star_ms.astype(np.float64) * 1e-3)
+        m0 = phantom.magnitude.astype(np.float64)
+    else:
+        integrated, integrated_phase = supersampled_signal(phantom, te, b0, supersample)
+        rotation = np.exp(1j * offset)
 
     mag = np.empty(shape + (n_e,), dtype=np.float32)
     pha = np.empty(shape + (n_e,), dtype=np.float32)
+    true_phase = np.empty(shape + (n_e,), dtype=np.float32)
     sens = coil_sensitivities(phantom, n_coils) if n_coils > 0 else None
     body = body_coil_sensitivity(phantom) if body_coil else None
     if sens is not None:
@@ -582,12 +760,17 @@ def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coi
         bmag = bpha = None
 
     for e, t in enumerate(te):
-        amp = m0 * np.exp(-t * rate)
-        theta = omega * t + offset  # float64: exact phase before the cast
-        signal = np.empty(shape, dtype=np.complex64)
-        signal.real = amp * np.cos(theta)
-        signal.imag = amp * np.sin(theta)
-        del amp, theta
+        if point_sampled:
+            amp = m0 * np.exp(-t * rate)
+            theta = omega * t + offset  # float64: exact phase before the cast
+            signal = np.empty(shape, dtype=np.complex64)
+            signal.real = amp * np.cos(theta)
+            signal.imag = amp * np.sin(theta)
+            true_phase[..., e] = theta
+            del amp, theta
+        else:
+            signal = (integrated[..., e] * rotation).astype(np.complex64)
+            true_phase[..., e] = integrated_phase[..., e] + offset
         s = signal + _noise(rng, shape, sigma) if sigma > 0 else signal
         mag[..., e], pha[..., e] = _mag_phase(s)
         if sens is not None:  # all coils of this echo at once
@@ -616,4 +799,5 @@ def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coi
         sensitivities=sens,
         phase_offset=offset.astype(np.float32),
         body_sensitivity=body,
+        true_phase=true_phase,
     )
