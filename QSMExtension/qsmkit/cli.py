@@ -332,11 +332,6 @@ def cmd_unwrap(args):
                                           **fsl}))
 
 
-def _phase_rad(vol, path):
-    """Phase of a channel or body-coil image in radians (vendor scaling per its sidecar)."""
-    return io.phase_in_rad(vol, path)
-
-
 def cmd_combine(args):
     """Coil combination: channel images (channels in the last axis) -> one magnitude and phase
     per echo, written as MAGNITUDE/PHASE files (4-D when there are echoes)."""
@@ -372,11 +367,12 @@ def cmd_combine(args):
                                 (bpha, args.body_phase, "body-coil phase")):
             io.check_same_grid(mag, vol, "channel magnitude", what)
             io.require_finite(vol.data, path, what)
-        body, body_phase = bmag.data.astype(np.float32), _phase_rad(bpha, args.body_phase)
+        body, body_phase = bmag.data.astype(np.float32), io.phase_in_rad(bpha, args.body_phase)
     mask = load_mask(args.mask, mag) if args.mask else None
     n_echoes = mag.data.shape[3] if mag.data.ndim == 5 else 1
-    # dcm2niix's EchoTime, or the "te" of a qsmkit simulate sidecar
-    te = list(args.te) if args.te else pha.meta.get("EchoTime", pha.meta.get("te"))
+    # dcm2niix's EchoTime, or the "te" of a sidecar qsmkit wrote (simulate)
+    own = pha.meta.get("software") == "qsmkit"
+    te = list(args.te) if args.te else pha.meta.get("EchoTime", pha.meta.get("te") if own else None)
     te = None if te is None else list(np.atleast_1d(te).astype(float))
     method = coils.resolve_method(args.method, body is not None, n_echoes)
     params = parse_params(args.param)
@@ -389,7 +385,7 @@ def cmd_combine(args):
     try:
         # C order: the methods walk slabs of whole rows with all channels contiguous
         res = coils.combine(np.ascontiguousarray(mag.data, dtype=np.float32),
-                            np.ascontiguousarray(_phase_rad(pha, args.phase)), body=body,
+                            np.ascontiguousarray(io.phase_in_rad(pha, args.phase)), body=body,
                             body_phase=body_phase, te=te, method=method,
                             voxel_size=mag.voxel_size, mask=mask,
                             **({"return_sensitivities": bool(args.out_sensitivities)}
@@ -408,7 +404,7 @@ def cmd_combine(args):
     for key in ("MagneticFieldStrength", "ImagingFrequency"):
         if key in pha.meta:  # keep what qsmkit run reads from the sidecar
             meta[key] = pha.meta[key]
-    if "MagneticFieldStrength" not in meta and isinstance(pha.meta.get("b0"), (int, float)):
+    if "MagneticFieldStrength" not in meta and own and isinstance(pha.meta.get("b0"), (int, float)):
         meta["MagneticFieldStrength"] = pha.meta["b0"]
     io.save_volume(args.out_magnitude, res.magnitude, mag.affine, sidecar=meta)
     io.save_volume(args.out_phase, res.phase, mag.affine, sidecar={**meta, "units": "rad"})
