@@ -25,6 +25,10 @@ METHODS = [
     ("focuss, no prior", focuss.focuss, {"prior": "none"}),
     ("focuss, k-space prior", focuss.focuss, {"prior": "kspace"}),
     ("focuss, simulation preset", focuss.focuss, {"preset": "simulation"}),
+    ("lsqr (5 iterations)", inversion.INVERSION.get("lsqr").func, {}),
+    ("lsqr, 30 iterations", inversion.INVERSION.get("lsqr").func, {"max_iter": 30}),
+    ("tv-admm, MEDI edges", inversion.INVERSION.get("tv").func, {}),
+    ("tv-admm, alpha l-curve", inversion.INVERSION.get("tv").func, {"alpha": "lcurve"}),
 ]
 
 

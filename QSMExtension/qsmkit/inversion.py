@@ -138,4 +138,5 @@ def reference_chi(chi, mask, region=None):
 
 
 # FOCUSS registers itself into INVERSION; imported last because it builds on this module.
-from . import focuss  # noqa: E402,F401
+# So do the LSQR and TV-ADMM baselines (inversion_baselines).
+from . import focuss, inversion_baselines  # noqa: E402,F401

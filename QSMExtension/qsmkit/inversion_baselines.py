@@ -1,0 +1,594 @@
+"""Baseline dipole inversions that FOCUSS-QSM is compared with: LSQR and TV-ADMM.
+
+Both solve for chi (ppm) from the tissue field delta (ppm) with the forward model
+A chi = F^-1 D F chi (``qsmkit.dipole``), the data term restricted to the mask M and
+optionally weighted by W (noise weights from the magnitude: the field's noise SD is
+proportional to 1 / magnitude, so W = magnitude / its mean in the mask).
+
+``lsqr``
+    min_chi || W M (A M chi - delta) ||_2 by LSQR (Paige & Saunders, ACM TOMS 8:43, 1982):
+    Golub-Kahan bidiagonalisation, mathematically CG on the normal equations but stabler in
+    float32. The problem has no regulariser: LSQR's iterates first fit the well-determined
+    part of the spectrum and only later the noise amplified near the magic-angle cone
+    (semi-convergence), so the iteration count *is* the regularisation. It stops at the
+    discrepancy principle (Morozov 1966) when the field's noise SD is given or estimated
+    (``noise``: weighted residual <= tau * noise * sqrt(voxels in the mask)), otherwise after
+    ``max_iter`` iterations. This is the first step of iLSQR (Li, Wang, Wu et al., NeuroImage
+    108:111, 2015: the LSQR solution of the weighted, masked least-squares problem); iLSQR's
+    later steps (estimating the streaking artefact from the ill-conditioned cone region and
+    subtracting it) are *not* implemented, hence the name ``lsqr``. With no regulariser, the
+    best iteration count depends on the data (see ``lsqr``'s ``max_iter``).
+
+    Measured (NRMSE vs truth; default 5 iterations): 2016 challenge 90.9 % vs chi_33, 71.0 %
+    vs COSMOS (TKD 110.6 / 86.4 %); built-in phantom (128 x 128 x 32, noisy) 40.6 %, worse
+    than TKD's 32.0 %, 25.0 % with ``max_iter=30``.
+
+``tv``
+    min_chi 1/2 || W M (A chi - delta) ||^2 + alpha || M_g G chi ||_1              (1)
+
+    G the forward differences (per mm), anisotropic l1 (each component), M_g the edge mask of
+    MEDI (morphology enabled dipole inversion: Liu T et al., MRM 66:777, 2011; Liu J et al.,
+    NeuroImage 59:2560, 2012): gradients of chi where the magnitude's gradient is among the
+    strongest (the top ``edge_fraction`` of |G_i m| in the mask, default 30 %) are taken as
+    anatomical edges and not penalised (weight ``edge_weight``, default 0); elsewhere weight 1.
+    Without a magnitude M_g = 1 (plain TV). Solved by ADMM as in FANSI's linear, weighted-TV
+    variant (Milovic, Bilgic, Zhao, Acosta-Cabronero, Tejos, MRM 80:814, 2018): with two
+    splittings z = G chi and v = A chi every update is closed form, whether W is uniform or
+    not (so no inner CG is needed),
+
+        chi <- F^-1 [ (mu1 conj(E) . F(z - s1) + mu2 D F(v - s2)) / (mu1 |E|^2 + mu2 D^2) ]
+        z   <- shrink(G chi + s1, alpha M_g / mu1)                 (soft threshold per component)
+        v   <- (W^2 M delta + mu2 (A chi + s2)) / (W^2 M + mu2)     (voxel-wise)
+        s1  <- s1 + G chi - z,   s2 <- s2 + A chi - v                (scaled dual updates)
+
+    E_i(k) the symbol of the forward difference, chi(k = 0) := 0 (the mean is not
+    determined). Penalties as FANSI's defaults: mu1 = 100 alpha (``mu1_factor``), mu2 = 1 with
+    W normalised to mean 1 in the mask. chi is free outside the mask (the data term is zero
+    there, the TV term is not). Four real FFTs per iteration; it stops when the relative change
+    of chi falls below ``tol`` (default 1 %) or after ``max_iter`` iterations.
+    ``alpha="lcurve"`` picks alpha at the corner of the L-curve (log data residual vs log TV
+    term; the point of largest Menger curvature) over a log-spaced grid, as ``l_curve_lambda``
+    does for the L2 method; each grid point is a fixed number of ADMM iterations warm-started
+    from the previous (larger) alpha's solution.
+
+    Measured (NRMSE vs truth; defaults: alpha 2e-3, binary edge mask, tol 1 %): 2016 challenge
+    87.0 % vs chi_33, 71.2 % vs COSMOS (35 iterations); built-in phantom (128 x 128 x 32,
+    noisy, noise-free magnitude) 1.9 % (0.5 % when run to convergence). On the challenge the
+    real magnitude's edges only partly match chi's, and running ADMM to convergence is *worse*
+    (150 iterations: 91.5 / 75.7 %); plain TV without the magnitude does better there (75.0 /
+    65.0 %), but is no better than TKD on the phantom (30.5 %). The L-curve picks alpha 1e-3 on
+    both (challenge 94.2 / 75.7 %, phantom 3.1 %).
+
+Both work on the mask's bounding box plus ``pad_mm`` of zero padding, rounded to fast FFT
+lengths, in float32 with float64 reductions; numpy or cupy arrays run the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+
+import numpy as np
+
+from . import backend
+from .backend import get_array_module
+from .dipole import dipole_kernel
+from .errors import QSMInputError
+from .inversion import INVERSION, gradient_symbol_sq
+from .solvers import dot
+
+F32 = np.float32
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_inputs(field, mask, voxel_size, b0_dir, magnitude, noise_weights, method):
+    """Validated float32 arrays (numpy or cupy as given) or a one-line QSMInputError."""
+    xp = get_array_module(field)
+    f = xp.asarray(field)
+    if f.ndim != 3:
+        raise QSMInputError(f"{method}: field must be a 3-D volume, got shape {tuple(f.shape)}")
+    f = f.astype(backend.FLOAT, copy=False)
+    m = xp.asarray(mask).astype(bool) if mask is not None else xp.ones(f.shape, dtype=bool)
+    if m.shape != f.shape:
+        raise QSMInputError(f"{method}: mask shape {tuple(m.shape)} does not match field shape "
+                            f"{tuple(f.shape)}")
+    if not bool(m.any()):
+        raise QSMInputError(f"{method}: mask is empty")
+    try:
+        vox = [float(v) for v in np.asarray(voxel_size, dtype=float).reshape(3)]
+        b0 = np.asarray(backend.to_numpy(b0_dir), dtype=float).reshape(3)
+    except (TypeError, ValueError) as exc:
+        raise QSMInputError(f"{method}: voxel size and B0 direction must be 3 numbers each: {exc}") from exc
+    if not all(math.isfinite(v) and v > 0 for v in vox):
+        raise QSMInputError(f"{method}: voxel size must be positive and finite, got {vox}")
+    if not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
+        raise QSMInputError(f"{method}: B0 direction must be finite and non-zero, got {list(b0)}")
+    inside = f[m]
+    if not bool(xp.all(xp.isfinite(inside))):
+        raise QSMInputError(f"{method}: field has NaN or infinite values inside the mask")
+    if not bool(xp.any(inside != 0)):
+        raise QSMInputError(f"{method}: field is all zeros inside the mask: nothing to invert")
+    arrays = []
+    for name, a in (("magnitude", magnitude), ("noise weights", noise_weights)):
+        if a is None:
+            arrays.append(None)
+            continue
+        a = xp.asarray(a)
+        if a.shape != f.shape:
+            raise QSMInputError(f"{method}: {name} shape {tuple(a.shape)} does not match field shape "
+                                f"{tuple(f.shape)}")
+        a = a.astype(backend.FLOAT, copy=False)
+        if not bool(xp.all(xp.isfinite(a[m]))) or bool(xp.any(a[m] < 0)):
+            raise QSMInputError(f"{method}: {name} must be finite and non-negative inside the mask")
+        arrays.append(a)
+    return xp, f, m, vox, tuple(b0 / np.linalg.norm(b0)), arrays[0], arrays[1]
+
+
+class _Grid:
+    """The mask's bounding box plus ``pad`` voxels per side, rounded up to fast FFT lengths:
+    sources and data lie in the mask, so the circular convolution on this grid differs from the
+    linear one only by the (r^-3) dipole field wrapping through the padding."""
+
+    def __init__(self, mask, pad, xp):
+        lo, hi = [], []
+        for ax in range(3):
+            idx = xp.nonzero(xp.any(mask, axis=tuple(a for a in range(3) if a != ax)))[0]
+            lo.append(int(idx.min()))
+            hi.append(int(idx.max()) + 1)
+        ext = [h - a for a, h in zip(lo, hi)]
+        self.shape = tuple(backend.next_fast_len(e + 2 * p) for e, p in zip(ext, pad))
+        off = [(s - e) // 2 for s, e in zip(self.shape, ext)]
+        self.src = tuple(slice(a, h) for a, h in zip(lo, hi))
+        self.dst = tuple(slice(o, o + e) for o, e in zip(off, ext))
+        self.full = tuple(mask.shape)
+        self.xp = xp
+
+    def put(self, a, dtype=F32):
+        out = self.xp.zeros(self.shape, dtype=dtype)
+        out[self.dst] = a[self.src]
+        return out
+
+    def take(self, a):
+        out = self.xp.zeros(self.full, dtype=a.dtype)
+        out[self.src] = a[self.dst]
+        return out
+
+
+def _pad_voxels(pad_mm, vox, method):
+    if not (_real(pad_mm) and pad_mm >= 0):
+        raise QSMInputError(f"{method}: pad_mm must be >= 0, got {pad_mm!r}")
+    return [int(math.ceil(pad_mm / d)) for d in vox]
+
+
+def _data_weights(xp, m, magnitude, noise_weights, use_magnitude):
+    """W (zero outside the mask, mean 1 inside): explicit noise weights, else the magnitude
+    (noise SD of the field ~ 1 / magnitude), else uniform. Returns (W, source)."""
+    if noise_weights is not None:
+        w, src = noise_weights, "noise_weights"
+    elif magnitude is not None and use_magnitude:
+        w, src = magnitude, "magnitude"
+    else:
+        return m.astype(F32), "uniform"
+    w = w * m
+    mean = float(xp.mean(w[m]))
+    if mean <= 0:
+        raise QSMInputError(f"{src.replace('_', ' ')} is zero everywhere in the mask: no data weights")
+    return (w * F32(1 / mean)).astype(F32), src
+
+
+def _conv(x, kernel, shape):
+    """F^-1 K F x on the working grid (real FFTs)."""
+    t = backend.rfftn(x)
+    t *= kernel
+    return backend.irfftn(t, s=shape).astype(F32, copy=False)
+
+
+def _norm(xp, a):
+    return dot(xp, a, a) ** 0.5
+
+
+def _noise_sd(x, m):
+    """Robust white-noise SD of ``x`` in ``m`` (MAD of the 7-point Laplacian; ``focuss.noise_sd``)."""
+    from .focuss import noise_sd
+
+    return noise_sd(x, m)
+
+
+# --------------------------------------------------------------------------------- LSQR
+
+
+@INVERSION.register("lsqr", "LSQR on the weighted, masked dipole model, early stopping (iLSQR step 1, "
+                            "Li 2015)")
+def lsqr(field, mask, voxel_size, b0_dir, magnitude=None, max_iter=5, noise=None, tau=1.0,
+         magnitude_weights=True, noise_weights=None, pad_mm=10.0):
+    """LSQR dipole inversion, regularised by early stopping (see the module docstring).
+
+    Parameters
+    ----------
+    field : (X, Y, Z) tissue field, ppm (numpy or cupy).
+    mask : (X, Y, Z) bool; chi is sought, and the field fitted, inside it.
+    voxel_size : 3 floats, mm.  b0_dir : B0 direction in voxel axes.
+    magnitude : optional; with ``magnitude_weights`` it gives the noise weights W.
+    max_iter : int
+        Iterations (each: one forward and one adjoint operator, four real FFTs). The
+        regularisation when ``noise`` is None, and a cap otherwise. Default 5, for in-vivo
+        fields: on the 2016 challenge data NRMSE vs chi_33 is lowest at 2-3 iterations (82 %)
+        and grows fast after (5: 91 %, 8: 107 %, 30: 212 %), the fit turning to the model
+        errors of a real field; on the built-in phantom (noise only) it is lowest near 30
+        (25 %, against 40 % at 5), so use ``max_iter=30`` or ``noise`` for simulations.
+    noise : None, float (ppm) or "auto"
+        SD of the (weighted) field noise for the discrepancy principle: stop at the first
+        iteration whose weighted residual ||W (A chi - delta)|| <= tau * noise * sqrt(n),
+        n the voxels in the mask. ``"auto"``: estimated from the weighted field (robust
+        Laplacian MAD, ``focuss.noise_sd``). With as many unknowns as data the residual
+        reaches the noise level early (phantom: 7 iterations, 33 % NRMSE; challenge, "auto":
+        8 iterations, 107 %).
+    tau : float >= 1 (Morozov's safety factor).
+    magnitude_weights : use the magnitude for W when given (default True).
+    noise_weights : optional explicit W (overrides the magnitude).
+    pad_mm : zero padding around the mask's bounding box (mm).
+
+    Returns
+    -------
+    chi (ppm, zero outside the mask), info dict: iterations, stopped_by ("max_iter",
+    "discrepancy" or "exact"), relative_residual ||W (A chi - delta)|| / ||W delta|| and its
+    history, the solution norm history, noise SD used, weights source, grid, seconds.
+    """
+    t0 = time.perf_counter()
+    xp, f, m, vox, b0, mag, nw = _check_inputs(field, mask, voxel_size, b0_dir, magnitude,
+                                               noise_weights, "lsqr")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise QSMInputError(f"lsqr: max_iter must be a positive integer, got {max_iter!r}")
+    if not (_real(tau) and tau >= 1):
+        raise QSMInputError(f"lsqr: tau must be >= 1, got {tau!r}")
+    if not (noise is None or noise == "auto" or (_real(noise) and noise > 0)):
+        raise QSMInputError(f"lsqr: noise must be a positive SD in ppm, 'auto' or None, got {noise!r}")
+    grid = _Grid(m, _pad_voxels(pad_mm, vox, "lsqr"), xp)
+    shape = grid.shape
+    mg = grid.put(m, dtype=bool)
+    mf = mg.astype(F32)
+    w_full, w_src = _data_weights(xp, m, mag, nw, bool(magnitude_weights))
+    w = grid.put(w_full)
+    D = dipole_kernel(shape, vox, b0, xp=xp, dtype=F32)
+    n_mask = int(m.sum())
+
+    def op(x):  # K x = W M A M x
+        return _conv(x * mf, D, shape) * w
+
+    def op_t(y):  # K^T y = M A M W y (A is symmetric: D is real and even)
+        return _conv(y * w, D, shape) * mf
+
+    b = grid.put(f) * w
+    sigma = None
+    if noise == "auto":
+        sigma = _noise_sd(b, mg)
+    elif noise is not None:
+        sigma = float(noise)
+    target = None if sigma is None else float(tau) * sigma * math.sqrt(n_mask)
+
+    # Paige & Saunders 1982, algorithm LSQR (section 4.1), without damping
+    beta = b_norm = _norm(xp, b)
+    if beta == 0:
+        raise QSMInputError("lsqr: the weighted field is zero inside the mask (weights vanish where "
+                            "the field does not): nothing to invert")
+    u = b / F32(beta)
+    v = op_t(u)
+    alpha = _norm(xp, v)
+    v /= F32(max(alpha, 1e-30))
+    wdir = v.copy()
+    x = xp.zeros(shape, F32)
+    phibar, rhobar = beta, alpha
+    history, x_norms = [], []
+    stop = "max_iter"
+    it = 0
+    if target is not None and phibar <= target:
+        stop = "discrepancy"
+    elif alpha == 0:  # the field is orthogonal to the operator's range: chi = 0
+        stop = "exact"
+    else:
+        while it < int(max_iter):
+            u = op(v) - F32(alpha) * u
+            beta = _norm(xp, u)
+            if beta > 0:
+                u /= F32(beta)
+            v = op_t(u) - F32(beta) * v
+            alpha = _norm(xp, v)
+            if alpha > 0:
+                v /= F32(alpha)
+            rho = math.hypot(rhobar, beta)
+            c, s = rhobar / rho, beta / rho
+            theta = s * alpha
+            rhobar = -c * alpha
+            phi = c * phibar
+            phibar = s * phibar  # = ||W M (A chi - delta)|| of the current iterate
+            x += F32(phi / rho) * wdir
+            wdir = v - F32(theta / rho) * wdir
+            it += 1
+            history.append(phibar)
+            x_norms.append(_norm(xp, x))
+            if target is not None and phibar <= target:
+                stop = "discrepancy"
+                break
+            if alpha == 0 or beta == 0:  # exact solution in the Krylov space
+                stop = "exact"
+                break
+    chi = grid.take(x * mf) * m
+    info = {"method": "lsqr", "iterations": it, "stopped_by": stop, "max_iter": int(max_iter),
+            "noise_sd_ppm": sigma, "noise_estimated": noise == "auto", "tau": float(tau),
+            "weights": w_src, "grid": [int(n) for n in shape],
+            "relative_residual": phibar / b_norm if b_norm else 0.0,
+            "residual_history": [round(h / b_norm, 6) for h in history],
+            "solution_norm_history": [round(v, 6) for v in x_norms],
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return chi, info
+
+
+# ------------------------------------------------------------------------------ TV-ADMM
+
+
+def _grad(x, ax, d, xp):
+    """Periodic forward difference (x[j + 1] - x[j]) / d along ``ax`` (per mm)."""
+    out = xp.roll(x, -1, ax)
+    out -= x
+    out *= F32(1 / d)
+    return out
+
+
+def _grad_t(y, ax, d, xp):
+    """Adjoint of ``_grad``: (y[j - 1] - y[j]) / d."""
+    out = xp.roll(y, 1, ax)
+    out -= y
+    out *= F32(1 / d)
+    return out
+
+
+def _shrink(x, t, xp):
+    """Soft threshold sign(x) max(|x| - t, 0) (the prox of t |.|_1)."""
+    return xp.sign(x) * xp.maximum(xp.abs(x) - t, F32(0))
+
+
+def edge_mask(magnitude, mask, voxel_size, edge_fraction=0.3, edge_weight=0.0):
+    """MEDI's gradient mask (Liu et al., MRM 2012): per axis i, weight ``edge_weight`` where
+    |G_i m| (forward difference of the masked magnitude, per mm) is among the largest
+    ``edge_fraction`` of the values in the mask (pooled over the three axes), 1 elsewhere.
+
+    Returns a list of three float32 arrays of the magnitude's shape (numpy or cupy)."""
+    xp = get_array_module(magnitude)
+    m = xp.asarray(mask).astype(bool)
+    mag = xp.asarray(magnitude, dtype=F32) * m
+    grads = [xp.abs(_grad(mag, ax, d, xp)) for ax, d in enumerate(voxel_size)]
+    pooled = xp.concatenate([g[m] for g in grads])
+    thr = float(xp.percentile(pooled, 100.0 * (1.0 - edge_fraction)))
+    return [xp.where(g > thr, F32(edge_weight), F32(1)).astype(F32) for g in grads]
+
+
+class _TVState:
+    """ADMM variables on the working grid (chi, z = G chi, v = A chi and the scaled duals)."""
+
+    def __init__(self, xp, shape, v0):
+        self.chi = xp.zeros(shape, F32)
+        self.z = [xp.zeros(shape, F32) for _ in range(3)]
+        self.s1 = [xp.zeros(shape, F32) for _ in range(3)]
+        self.v = v0.copy()
+        self.s2 = xp.zeros(shape, F32)
+        self.mu1 = None
+
+
+def _tv_admm(state, delta, w2, mg, D, e2, vox, alpha, mu1, mu2, tol, max_iter, xp):
+    """FANSI's linear weighted-TV ADMM (module docstring) from ``state``, in place.
+
+    Returns (iterations, stopped_by, last relative change of chi, primal residual, dual
+    residual), the residuals relative."""
+    shape = delta.shape
+    if state.mu1 is not None and state.mu1 != mu1:  # scaled duals s = y / mu
+        for s in state.s1:
+            s *= F32(state.mu1 / mu1)
+    state.mu1 = mu1
+    den = F32(mu1) * e2 + F32(mu2) * D * D
+    den[(0,) * 3] = 1  # k = 0: the mean of chi is not determined; its numerator is 0 below
+    inv_den = (1 / den).astype(F32)
+    del den
+    thr = [F32(alpha / mu1) * g for g in mg]
+    w2d = w2 * delta
+    stop = "max_iter"
+    it = 0
+    change = float("nan")
+    z_prev = v_prev = None
+    a_chi = None
+    while it < max_iter:
+        # chi-update, closed form in k-space (FANSI eq. 9)
+        t = None
+        for ax in range(3):
+            g = _grad_t(state.z[ax] - state.s1[ax], ax, vox[ax], xp)
+            t = g if t is None else t + g
+        num = backend.rfftn(t)
+        num *= F32(mu1)
+        num += F32(mu2) * D * backend.rfftn(state.v - state.s2)
+        num *= inv_den
+        num[(0,) * 3] = 0
+        chi_new = backend.irfftn(num, s=shape).astype(F32, copy=False)
+        num *= D
+        a_chi = backend.irfftn(num, s=shape).astype(F32, copy=False)
+        del num, t
+        change = _norm(xp, chi_new - state.chi) / max(_norm(xp, chi_new), 1e-30)
+        state.chi = chi_new
+        # z-update: soft threshold of G chi + s1, weight alpha M_g / mu1 (eq. 10)
+        z_prev, v_prev = state.z, state.v
+        z_new = []
+        for ax in range(3):
+            g = _grad(state.chi, ax, vox[ax], xp)
+            z_new.append(_shrink(g + state.s1[ax], thr[ax], xp))
+            state.s1[ax] += g - z_new[ax]  # dual ascent (eq. 12)
+        state.z = z_new
+        # v-update: voxel-wise weighted least squares (eq. 11)
+        state.v = (w2d + F32(mu2) * (a_chi + state.s2)) / (w2 + F32(mu2))
+        state.s2 += a_chi - state.v
+        it += 1
+        if change < tol:
+            stop = "tol"
+            break
+    # residuals (Boyd et al., Found Trends ML 2011, section 3.3): primal r = (G chi - z, A chi - v),
+    # dual s = mu1 G^T (z - z_prev) + mu2 A (v - v_prev), each relative to its scale
+    r2 = 0.0
+    scale_p = 0.0
+    for ax in range(3):
+        g = _grad(state.chi, ax, vox[ax], xp)
+        r2 += dot(xp, g - state.z[ax], g - state.z[ax])
+        scale_p += dot(xp, state.z[ax], state.z[ax])
+    r2 += dot(xp, a_chi - state.v, a_chi - state.v)
+    scale_p += dot(xp, state.v, state.v)
+    primal = (r2 / max(scale_p, 1e-30)) ** 0.5
+    if z_prev is None:
+        return it, stop, change, primal, 0.0
+
+    def dual_like(dz, dv):
+        t = None
+        for ax in range(3):
+            g = _grad_t(dz[ax], ax, vox[ax], xp)
+            t = g if t is None else t + g
+        return F32(mu1) * t + F32(mu2) * _conv(dv, D, shape)
+
+    s = dual_like([a - b for a, b in zip(state.z, z_prev)], state.v - v_prev)
+    # relative to the chi-update's right-hand side (Boyd's ||A^T y|| vanishes at the optimum here,
+    # since the objective has no term in chi alone)
+    rhs = dual_like([a - b for a, b in zip(state.z, state.s1)], state.v - state.s2)
+    dual = _norm(xp, s) / max(_norm(xp, rhs), 1e-30)
+    return it, stop, change, primal, dual
+
+
+def _tv_terms(state, delta, w2, mg, D, vox, xp):
+    """(||W (A chi - delta)||_2, ||M_g G chi||_1) of the current chi: the L-curve's axes."""
+    r = _conv(state.chi, D, delta.shape) - delta
+    res = dot(xp, r * w2, r) ** 0.5
+    reg = sum(float(xp.sum(xp.abs(_grad(state.chi, ax, vox[ax], xp) * mg[ax]), dtype=xp.float64))
+              for ax in range(3))
+    return res, reg
+
+
+def _menger_corner(res, reg):
+    """Index of the L-curve corner: the largest Menger curvature (inverse radius of the circle
+    through three consecutive points) of (log res, log reg), axes scaled to unit range."""
+    u, v = np.log(np.asarray(res)), np.log(np.asarray(reg))
+    u = (u - u.min()) / max(np.ptp(u), 1e-30)
+    v = (v - v.min()) / max(np.ptp(v), 1e-30)
+    curv = []
+    for i in range(1, len(u) - 1):
+        a = np.hypot(u[i] - u[i - 1], v[i] - v[i - 1])
+        b = np.hypot(u[i + 1] - u[i], v[i + 1] - v[i])
+        c = np.hypot(u[i + 1] - u[i - 1], v[i + 1] - v[i - 1])
+        area2 = abs((u[i] - u[i - 1]) * (v[i + 1] - v[i - 1]) - (u[i + 1] - u[i - 1]) * (v[i] - v[i - 1]))
+        k = 2 * area2 / max(a * b * c, 1e-30)
+        curv.append(float(k))
+    best = 1 + int(np.argmax(curv))
+    return best, curv
+
+
+@INVERSION.register("tv", "TV with MEDI edge mask by ADMM, linear data term (FANSI, Milovic 2018)")
+def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha=2e-3, mu1_factor=100.0, mu2=1.0,
+       max_iter=100, tol=1e-2, edge_fraction=0.3, edge_weight=0.0, magnitude_weights=True,
+       noise_weights=None, lcurve_alphas=None, lcurve_iter=30, pad_mm=10.0):
+    """TV-regularised dipole inversion with a magnitude edge mask, by ADMM (module docstring, eq. 1).
+
+    Parameters
+    ----------
+    field, mask, voxel_size, b0_dir : as every inversion (field in ppm, voxel size in mm).
+    magnitude : optional; gives the MEDI edge mask M_g and (``magnitude_weights``) the data
+        weights W. Without it: plain TV, uniform weights.
+    alpha : float or "lcurve"
+        TV weight in ppm·mm (the data term is in ppm^2, the gradient in ppm/mm), so it scales
+        with the field: the default 2e-3 is for in-vivo local fields at 3 T (RMS about 0.01
+        ppm); on the challenge data NRMSE vs chi_33 is 95.8 / 88.9 / 83.6 % at 1e-3 / 2e-3 /
+        5e-3 (60 iterations); on the 256 x 256 x 64 phantom 2.4 / 4.9 / 3.0 % at 1e-3 / 2e-3 /
+        3e-3 (tol 1 %: 37 / 45 / 74 iterations; how far ADMM has got matters as much here).
+        ``"lcurve"``: chosen at the L-curve corner over ``lcurve_alphas`` (default 7 values,
+        log-spaced 1e-4 ... 1e-2), ``lcurve_iter`` ADMM iterations per value (warm starts),
+        then ``max_iter`` at the chosen value.
+    mu1_factor : mu1 = mu1_factor * alpha (FANSI's default 100).
+    mu2 : penalty of v = A chi (FANSI's default 1, for W of mean 1).
+    max_iter, tol : stop after ``max_iter`` iterations or when ||chi_new - chi|| / ||chi_new||
+        < ``tol`` (FANSI's update tolerance).
+    edge_fraction, edge_weight : MEDI edge mask (``edge_mask``).
+    noise_weights : optional explicit W (overrides the magnitude).
+    pad_mm : zero padding around the mask's bounding box (mm).
+
+    Returns
+    -------
+    chi (ppm, zero outside the mask), info: alpha and where it came from, mu1, mu2,
+    iterations, stopped_by ("tol" or "max_iter"), relative_change of chi at the last
+    iteration, primal_residual ||(G chi - z, A chi - v)|| / ||(z, v)|| and dual_residual
+    ||mu1 G^T dz + mu2 A dv|| / ||mu1 G^T (z - s1) + mu2 A (v - s2)|| (Boyd et al., Found
+    Trends Mach Learn 3:1, 2011, section 3.3; dz, dv the last iteration's changes), the
+    L-curve (alphas, residuals, TV values, curvatures) when used, grid, seconds.
+    """
+    t0 = time.perf_counter()
+    xp, f, m, vox, b0, mag, nw = _check_inputs(field, mask, voxel_size, b0_dir, magnitude,
+                                               noise_weights, "tv")
+    auto = isinstance(alpha, str)
+    if auto and alpha.lower() != "lcurve":
+        raise QSMInputError(f"tv: alpha must be a positive number or 'lcurve', got {alpha!r}")
+    if not auto and not (_real(alpha) and alpha > 0):
+        raise QSMInputError(f"tv: alpha must be a positive number or 'lcurve', got {alpha!r}")
+    for name, val in (("mu1_factor", mu1_factor), ("mu2", mu2), ("tol", tol)):
+        if not (_real(val) and val > 0):
+            raise QSMInputError(f"tv: {name} must be > 0, got {val!r}")
+    for name, val in (("max_iter", max_iter), ("lcurve_iter", lcurve_iter)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+            raise QSMInputError(f"tv: {name} must be a positive integer, got {val!r}")
+    if not (_real(edge_fraction) and 0 <= edge_fraction < 1):
+        raise QSMInputError(f"tv: edge_fraction must be in [0, 1), got {edge_fraction!r}")
+    if not (_real(edge_weight) and 0 <= edge_weight <= 1):
+        raise QSMInputError(f"tv: edge_weight must be in [0, 1], got {edge_weight!r}")
+
+    grid = _Grid(m, _pad_voxels(pad_mm, vox, "tv"), xp)
+    shape = grid.shape
+    w_full, w_src = _data_weights(xp, m, mag, nw, bool(magnitude_weights))
+    w2 = grid.put(w_full)
+    w2 *= w2
+    delta = grid.put(f * m)
+    if mag is not None and edge_fraction > 0:
+        mg = edge_mask(grid.put(mag), grid.put(m, dtype=bool), vox, edge_fraction, edge_weight)
+    else:
+        mg = [xp.ones(shape, F32) for _ in range(3)]
+    D = dipole_kernel(shape, vox, b0, xp=xp, dtype=F32)
+    e2 = gradient_symbol_sq(shape, vox, xp=xp, dtype=F32)
+    state = _TVState(xp, shape, delta)
+
+    curve = None
+    if auto:
+        grid_a = (np.logspace(-4, -2, 7) if lcurve_alphas is None
+                  else np.asarray(lcurve_alphas, dtype=float))
+        if grid_a.ndim != 1 or grid_a.size < 3 or not np.all(grid_a > 0):
+            raise QSMInputError("tv: lcurve_alphas must be at least 3 positive values")
+        grid_a = np.sort(grid_a)[::-1]  # strong to weak: warm starts move from smooth to detailed
+        res, reg = [], []
+        for a in grid_a:
+            # a fixed number of iterations per point (no tolerance), so the points are comparable
+            _tv_admm(state, delta, w2, mg, D, e2, vox, float(a), float(mu1_factor) * a, float(mu2),
+                     0.0, int(lcurve_iter), xp)
+            r, g = _tv_terms(state, delta, w2, mg, D, vox, xp)
+            res.append(r)
+            reg.append(g)
+        k, curv = _menger_corner(res, reg)
+        alpha = float(grid_a[k])
+        curve = {"alphas": [float(a) for a in grid_a], "residual": res, "tv": reg, "curvature": curv}
+        state = _TVState(xp, shape, delta)
+    alpha = float(alpha)
+    it, stop, change, primal, dual = _tv_admm(state, delta, w2, mg, D, e2, vox, alpha,
+                                      float(mu1_factor) * alpha, float(mu2), float(tol),
+                                      int(max_iter), xp)
+    chi = grid.take(state.chi) * m
+    info = {"method": "tv", "alpha": alpha, "alpha_from": "l-curve" if auto else "given",
+            "mu1": float(mu1_factor) * alpha, "mu2": float(mu2), "iterations": it, "stopped_by": stop,
+            "relative_change": change, "primal_residual": primal, "dual_residual": dual,
+            "tol": float(tol),
+            "edge_fraction": float(edge_fraction) if mag is not None else 0.0,
+            "weights": w_src, "grid": [int(n) for n in shape], "lcurve": curve,
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return chi, info
