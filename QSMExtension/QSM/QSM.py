@@ -51,7 +51,7 @@ except ImportError:  # Slicer before 5.4
 MASKING_CHOICES = ["auto", "surface", "threshold", "bet"]
 UNWRAPPING_CHOICES = ["auto", "romeo", "quality", "laplacian", "prelude"]
 BACKGROUND_CHOICES = ["auto", "pdf", "vsharp", "resharp"]
-INVERSION_CHOICES = ["auto", "focuss", "l2", "tkd"]
+INVERSION_CHOICES = ["auto", "focuss", "l2", "tkd", "tv", "lsqr"]
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
 FIELD_UNITS_CHOICES = ["ppm", "hz", "rad"]
 # The volumes the Sample Data entry and the module tests load from the simulated phantom.
