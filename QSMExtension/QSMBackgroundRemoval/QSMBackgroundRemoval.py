@@ -14,7 +14,7 @@ From the Python console::
 from typing import Annotated
 
 import slicer
-import vtk
+from QSMLib.stagewidget import StageWidgetMixin
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -70,75 +70,27 @@ class QSMBackgroundRemovalParameterNode:
     localMask: vtkMRMLLabelMapVolumeNode
 
 
-class QSMBackgroundRemovalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class QSMBackgroundRemovalWidget(StageWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel; StageWidgetMixin (first, so its cleanup/enter/exit override the base's) holds
+    the parameter-node plumbing and the job runner."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self.runner = None
+        self.initPanel()
 
     def setup(self) -> None:
-        from QSMLib.jobrunner import JobRunner
-
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/QSMBackgroundRemoval.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = QSMBackgroundRemovalLogic()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.runner = JobRunner(self.logic, self.ui.applyButton, self.ui.cancelButton,
-                                self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit,
-                                onDone=self.onJobDone, canApply=self._ready,
-                                title="QSM Background Removal")
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.runner.cancel)
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        if self.runner is not None:
-            self.runner.cleanup()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        self.setParameterNode(None)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+        self.startPanel("QSM Background Removal")
 
     def _ready(self) -> bool:
         p = self._parameterNode
         return bool(p and p.totalField and p.brainMask)
-
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        self.runner.refresh()
-
-    def onApplyButton(self) -> None:
-        self.runner.start(lambda onLine, onProgress: self.logic.startFromParameterNode(
-            self._parameterNode, onLine=onLine, onProgress=onProgress))
 
     def onJobDone(self, job, nodes) -> None:
         self._parameterNode.localField = nodes["field_local"]

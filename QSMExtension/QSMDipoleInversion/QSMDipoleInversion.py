@@ -14,7 +14,7 @@ From the Python console::
 from typing import Annotated
 
 import slicer
-import vtk
+from QSMLib.stagewidget import StageWidgetMixin
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -77,64 +77,23 @@ class QSMDipoleInversionParameterNode:
     chiVolume: vtkMRMLScalarVolumeNode
 
 
-class QSMDipoleInversionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class QSMDipoleInversionWidget(StageWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel; StageWidgetMixin (first, so its cleanup/enter/exit override the base's) holds
+    the parameter-node plumbing and the job runner."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self.runner = None
+        self.initPanel()
 
     def setup(self) -> None:
-        from QSMLib.jobrunner import JobRunner
-
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/QSMDipoleInversion.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = QSMDipoleInversionLogic()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.runner = JobRunner(self.logic, self.ui.applyButton, self.ui.cancelButton,
-                                self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit,
-                                onDone=self.onJobDone, canApply=self._ready,
-                                title="QSM Dipole Inversion")
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.runner.cancel)
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        if self.runner is not None:
-            self.runner.cleanup()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        self.setParameterNode(None)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+        self.startPanel("QSM Dipole Inversion")
 
     def _ready(self) -> bool:
         p = self._parameterNode
@@ -142,15 +101,10 @@ class QSMDipoleInversionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return False
         return p.reference != "region" or p.referenceRegion is not None
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        self.runner.refresh()
+    def updateWidgets(self) -> None:
         p = self._parameterNode
         self.ui.referenceRegionSelector.enabled = bool(p and p.reference == "region")
         self.ui.referenceLabelSpinBox.enabled = bool(p and p.reference == "region")
-
-    def onApplyButton(self) -> None:
-        self.runner.start(lambda onLine, onProgress: self.logic.startFromParameterNode(
-            self._parameterNode, onLine=onLine, onProgress=onProgress))
 
     def onJobDone(self, job, nodes) -> None:
         self._parameterNode.chiVolume = nodes["chi"]
