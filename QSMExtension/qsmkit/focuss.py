@@ -90,9 +90,9 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .dipole import dipole_kernel
+from .dipole import MaskGrid, dipole_kernel
 from .errors import QSMInputError
-from .inversion import INVERSION
+from .inversion import INVERSION, check_inputs
 from .solvers import cg
 
 F32 = np.float32
@@ -202,82 +202,6 @@ def noise_sd(x, mask):
     return float(1.4826 * float(xp.median(xp.abs(v - xp.median(v)))) / math.sqrt(42.0))
 
 
-class _Grid:
-    """Working grid: the mask's bounding box plus ``pad`` voxels per side, rounded up to fast
-    FFT lengths. Sources and data are inside the mask, so the circular convolution on this grid
-    differs from the linear one only by the wrap-around through the padding (the dipole field
-    decays as r^-3)."""
-
-    def __init__(self, mask, pad, xp):
-        idx = [xp.nonzero(xp.any(mask, axis=tuple(a for a in range(3) if a != ax)))[0]
-               for ax in range(3)]
-        lo = [int(i.min()) for i in idx]
-        hi = [int(i.max()) + 1 for i in idx]
-        ext = [h - lo_ for lo_, h in zip(lo, hi)]
-        self.shape = tuple(backend.next_fast_len(e + 2 * p) for e, p in zip(ext, pad))
-        off = [(s - e) // 2 for s, e in zip(self.shape, ext)]
-        self.src = tuple(slice(a, b) for a, b in zip(lo, hi))
-        self.dst = tuple(slice(o, o + e) for o, e in zip(off, ext))
-        self.full = tuple(mask.shape)
-        self.xp = xp
-
-    def put(self, a, dtype=F32):
-        out = self.xp.zeros(self.shape, dtype=dtype)
-        out[self.dst] = self.xp.asarray(a)[self.src]
-        return out
-
-    def take(self, a):
-        out = self.xp.zeros(self.full, dtype=a.dtype)
-        out[self.src] = a[self.dst]
-        return out
-
-
-def _check_inputs(field, mask, voxel_size, b0_dir, magnitude, noise_weights):
-    xp = get_array_module(field)
-    f = xp.asarray(field)
-    if f.ndim != 3:
-        raise QSMInputError(f"field must be a 3-D volume, got shape {tuple(f.shape)}")
-    f = f.astype(backend.FLOAT, copy=False)
-    m = xp.asarray(mask).astype(bool) if mask is not None else xp.ones(f.shape, dtype=bool)
-    if m.shape != f.shape:
-        raise QSMInputError(f"mask shape {tuple(m.shape)} does not match field shape {tuple(f.shape)}")
-    if not bool(m.any()):
-        raise QSMInputError("mask is empty")
-    try:
-        vox = [float(v) for v in np.asarray(voxel_size, dtype=float).reshape(3)]
-        b0 = np.asarray(backend.to_numpy(b0_dir), dtype=float).reshape(3)
-    except (TypeError, ValueError) as exc:
-        raise QSMInputError(f"voxel size and B0 direction must be 3 numbers each: {exc}") from exc
-    if not all(math.isfinite(v) and v > 0 for v in vox):
-        raise QSMInputError(f"voxel size must be positive and finite, got {vox}")
-    if not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
-        raise QSMInputError(f"B0 direction must be finite and non-zero, got {list(b0)}")
-    inside = f[m]
-    if not bool(xp.all(xp.isfinite(inside))):
-        raise QSMInputError("field has NaN or infinite values inside the mask")
-    if not bool(xp.any(inside != 0)):
-        raise QSMInputError("field is all zeros inside the mask: nothing to invert")
-    mag = None
-    if magnitude is not None:
-        mag = xp.asarray(magnitude)
-        if mag.shape != f.shape:
-            raise QSMInputError(
-                f"magnitude shape {tuple(mag.shape)} does not match field shape {tuple(f.shape)}")
-        mag = mag.astype(backend.FLOAT, copy=False)
-        if not bool(xp.all(xp.isfinite(mag[m]))):
-            raise QSMInputError("magnitude has NaN or infinite values inside the mask")
-    nw = None
-    if noise_weights is not None:
-        nw = xp.asarray(noise_weights)
-        if nw.shape != f.shape:
-            raise QSMInputError(
-                f"noise weights shape {tuple(nw.shape)} does not match field shape {tuple(f.shape)}")
-        nw = nw.astype(backend.FLOAT, copy=False)
-        if not bool(xp.all(xp.isfinite(nw[m]))) or bool(xp.any(nw[m] < 0)):
-            raise QSMInputError("noise weights must be finite and non-negative inside the mask")
-    return xp, f, m, vox, b0 / np.linalg.norm(b0), mag, nw
-
-
 def _real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -341,7 +265,7 @@ def focuss(field, mask, voxel_size, b0_dir, magnitude=None, prior="magnitude", p
     chi (ppm, zero outside the mask, the input's array type), info (JSON-serialisable dict).
     """
     t0 = time.perf_counter()
-    xp, f_full, m_full, vox, b0, mag_full, nw_full = _check_inputs(
+    xp, f_full, m_full, vox, b0, mag_full, nw_full = check_inputs(
         field, mask, voxel_size, b0_dir, magnitude, noise_weights)
     if prior not in _PRIORS:
         raise QSMInputError(f"unknown FOCUSS prior {prior!r}; choose one of {', '.join(_PRIORS)}")
@@ -367,7 +291,7 @@ def focuss(field, mask, voxel_size, b0_dir, magnitude=None, prior="magnitude", p
     if not (_real(pad_mm) and 0 <= pad_mm < math.inf):
         raise QSMInputError(f"FOCUSS parameter pad_mm must be >= 0, got {pad_mm!r}")
     pad = [max(2, int(math.ceil(pad_mm / d))) for d in vox]
-    grid = _Grid(m_full, pad, xp)
+    grid = MaskGrid(m_full, pad, xp)
     shape = grid.shape
     m = grid.put(m_full, bool)
     mf = m.astype(F32)

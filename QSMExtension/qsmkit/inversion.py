@@ -33,6 +33,61 @@ def default_pad(shape):
     return [max(8, n // 4) for n in shape]
 
 
+def check_inputs(field, mask, voxel_size, b0_dir, magnitude=None, noise_weights=None, *,
+                 method="", nonnegative_magnitude=False):
+    """The iterative inversions' inputs checked and cast: ``(xp, field, mask, voxel_size list,
+    unit b0 (numpy), magnitude, noise_weights)`` as float32 arrays (numpy or cupy as given), or
+    a one-line :class:`QSMInputError` (prefixed ``method: `` when a method is named). Noise
+    weights, and the magnitude with ``nonnegative_magnitude``, must be >= 0 in the mask."""
+    import math
+
+    say = f"{method}: " if method else ""
+    xp = get_array_module(field)
+    f = xp.asarray(field)
+    if f.ndim != 3:
+        raise QSMInputError(f"{say}field must be a 3-D volume, got shape {tuple(f.shape)}")
+    f = f.astype(backend.FLOAT, copy=False)
+    m = xp.asarray(mask).astype(bool) if mask is not None else xp.ones(f.shape, dtype=bool)
+    if m.shape != f.shape:
+        raise QSMInputError(f"{say}mask shape {tuple(m.shape)} does not match field shape "
+                            f"{tuple(f.shape)}")
+    if not bool(m.any()):
+        raise QSMInputError(f"{say}mask is empty")
+    try:
+        vox = [float(v) for v in np.asarray(voxel_size, dtype=float).reshape(3)]
+        b0 = np.asarray(backend.to_numpy(b0_dir), dtype=float).reshape(3)
+    except (TypeError, ValueError) as exc:
+        raise QSMInputError(f"{say}voxel size and B0 direction must be 3 numbers each: {exc}") from exc
+    if not all(math.isfinite(v) and v > 0 for v in vox):
+        raise QSMInputError(f"{say}voxel size must be positive and finite, got {vox}")
+    if not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
+        raise QSMInputError(f"{say}B0 direction must be finite and non-zero, got {list(b0)}")
+    inside = f[m]
+    if not bool(xp.all(xp.isfinite(inside))):
+        raise QSMInputError(f"{say}field has NaN or infinite values inside the mask")
+    if not bool(xp.any(inside != 0)):
+        raise QSMInputError(f"{say}field is all zeros inside the mask: nothing to invert")
+    arrays = []
+    for name, a, nonnegative in (("magnitude", magnitude, nonnegative_magnitude),
+                                 ("noise weights", noise_weights, True)):
+        if a is None:
+            arrays.append(None)
+            continue
+        a = xp.asarray(a)
+        if a.shape != f.shape:
+            raise QSMInputError(f"{say}{name} shape {tuple(a.shape)} does not match field shape "
+                                f"{tuple(f.shape)}")
+        a = a.astype(backend.FLOAT, copy=False)
+        if not bool(xp.all(xp.isfinite(a[m]))):
+            raise QSMInputError(f"{say}{name} has NaN or infinite values inside the mask"
+                                if not nonnegative else
+                                f"{say}{name} must be finite and non-negative inside the mask")
+        if nonnegative and bool(xp.any(a[m] < 0)):
+            raise QSMInputError(f"{say}{name} must be finite and non-negative inside the mask")
+        arrays.append(a)
+    return xp, f, m, vox, b0 / np.linalg.norm(b0), arrays[0], arrays[1]
+
+
 def _prepare(field, mask):
     xp = get_array_module(field)
     f = xp.asarray(field, dtype=backend.FLOAT)

@@ -73,9 +73,9 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .dipole import dipole_kernel
+from .dipole import MaskGrid, dipole_kernel
 from .errors import QSMInputError
-from .inversion import INVERSION, gradient_symbol_sq
+from .inversion import INVERSION, check_inputs, gradient_symbol_sq
 from .solvers import dot
 
 F32 = np.float32
@@ -86,79 +86,6 @@ F32 = np.float32
 
 def _real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_inputs(field, mask, voxel_size, b0_dir, magnitude, noise_weights, method):
-    """Validated float32 arrays (numpy or cupy as given) or a one-line QSMInputError."""
-    xp = get_array_module(field)
-    f = xp.asarray(field)
-    if f.ndim != 3:
-        raise QSMInputError(f"{method}: field must be a 3-D volume, got shape {tuple(f.shape)}")
-    f = f.astype(backend.FLOAT, copy=False)
-    m = xp.asarray(mask).astype(bool) if mask is not None else xp.ones(f.shape, dtype=bool)
-    if m.shape != f.shape:
-        raise QSMInputError(f"{method}: mask shape {tuple(m.shape)} does not match field shape "
-                            f"{tuple(f.shape)}")
-    if not bool(m.any()):
-        raise QSMInputError(f"{method}: mask is empty")
-    try:
-        vox = [float(v) for v in np.asarray(voxel_size, dtype=float).reshape(3)]
-        b0 = np.asarray(backend.to_numpy(b0_dir), dtype=float).reshape(3)
-    except (TypeError, ValueError) as exc:
-        raise QSMInputError(f"{method}: voxel size and B0 direction must be 3 numbers each: {exc}") from exc
-    if not all(math.isfinite(v) and v > 0 for v in vox):
-        raise QSMInputError(f"{method}: voxel size must be positive and finite, got {vox}")
-    if not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
-        raise QSMInputError(f"{method}: B0 direction must be finite and non-zero, got {list(b0)}")
-    inside = f[m]
-    if not bool(xp.all(xp.isfinite(inside))):
-        raise QSMInputError(f"{method}: field has NaN or infinite values inside the mask")
-    if not bool(xp.any(inside != 0)):
-        raise QSMInputError(f"{method}: field is all zeros inside the mask: nothing to invert")
-    arrays = []
-    for name, a in (("magnitude", magnitude), ("noise weights", noise_weights)):
-        if a is None:
-            arrays.append(None)
-            continue
-        a = xp.asarray(a)
-        if a.shape != f.shape:
-            raise QSMInputError(f"{method}: {name} shape {tuple(a.shape)} does not match field shape "
-                                f"{tuple(f.shape)}")
-        a = a.astype(backend.FLOAT, copy=False)
-        if not bool(xp.all(xp.isfinite(a[m]))) or bool(xp.any(a[m] < 0)):
-            raise QSMInputError(f"{method}: {name} must be finite and non-negative inside the mask")
-        arrays.append(a)
-    return xp, f, m, vox, tuple(b0 / np.linalg.norm(b0)), arrays[0], arrays[1]
-
-
-class _Grid:
-    """The mask's bounding box plus ``pad`` voxels per side, rounded up to fast FFT lengths:
-    sources and data lie in the mask, so the circular convolution on this grid differs from the
-    linear one only by the (r^-3) dipole field wrapping through the padding."""
-
-    def __init__(self, mask, pad, xp):
-        lo, hi = [], []
-        for ax in range(3):
-            idx = xp.nonzero(xp.any(mask, axis=tuple(a for a in range(3) if a != ax)))[0]
-            lo.append(int(idx.min()))
-            hi.append(int(idx.max()) + 1)
-        ext = [h - a for a, h in zip(lo, hi)]
-        self.shape = tuple(backend.next_fast_len(e + 2 * p) for e, p in zip(ext, pad))
-        off = [(s - e) // 2 for s, e in zip(self.shape, ext)]
-        self.src = tuple(slice(a, h) for a, h in zip(lo, hi))
-        self.dst = tuple(slice(o, o + e) for o, e in zip(off, ext))
-        self.full = tuple(mask.shape)
-        self.xp = xp
-
-    def put(self, a, dtype=F32):
-        out = self.xp.zeros(self.shape, dtype=dtype)
-        out[self.dst] = a[self.src]
-        return out
-
-    def take(self, a):
-        out = self.xp.zeros(self.full, dtype=a.dtype)
-        out[self.src] = a[self.dst]
-        return out
 
 
 def _pad_voxels(pad_mm, vox, method):
@@ -242,15 +169,17 @@ def lsqr(field, mask, voxel_size, b0_dir, magnitude=None, max_iter=5, noise=None
     history, the solution norm history, noise SD used, weights source, grid, seconds.
     """
     t0 = time.perf_counter()
-    xp, f, m, vox, b0, mag, nw = _check_inputs(field, mask, voxel_size, b0_dir, magnitude,
-                                               noise_weights, "lsqr")
+    xp, f, m, vox, b0, mag, nw = check_inputs(field, mask, voxel_size, b0_dir, magnitude,
+                                              noise_weights, method="lsqr",
+                                              nonnegative_magnitude=True)
+    b0 = tuple(b0)
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise QSMInputError(f"lsqr: max_iter must be a positive integer, got {max_iter!r}")
     if not (_real(tau) and tau >= 1):
         raise QSMInputError(f"lsqr: tau must be >= 1, got {tau!r}")
     if not (noise is None or noise == "auto" or (_real(noise) and noise > 0)):
         raise QSMInputError(f"lsqr: noise must be a positive SD in ppm, 'auto' or None, got {noise!r}")
-    grid = _Grid(m, _pad_voxels(pad_mm, vox, "lsqr"), xp)
+    grid = MaskGrid(m, _pad_voxels(pad_mm, vox, "lsqr"), xp)
     shape = grid.shape
     mg = grid.put(m, dtype=bool)
     mf = mg.astype(F32)
@@ -528,8 +457,10 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha=2e-3, mu1_factor=1
     L-curve (alphas, residuals, TV values, curvatures) when used, grid, seconds.
     """
     t0 = time.perf_counter()
-    xp, f, m, vox, b0, mag, nw = _check_inputs(field, mask, voxel_size, b0_dir, magnitude,
-                                               noise_weights, "tv")
+    xp, f, m, vox, b0, mag, nw = check_inputs(field, mask, voxel_size, b0_dir, magnitude,
+                                              noise_weights, method="tv",
+                                              nonnegative_magnitude=True)
+    b0 = tuple(b0)
     auto = isinstance(alpha, str)
     if auto and alpha.lower() != "lcurve":
         raise QSMInputError(f"tv: alpha must be a positive number or 'lcurve', got {alpha!r}")
@@ -546,7 +477,7 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha=2e-3, mu1_factor=1
     if not (_real(edge_weight) and 0 <= edge_weight <= 1):
         raise QSMInputError(f"tv: edge_weight must be in [0, 1], got {edge_weight!r}")
 
-    grid = _Grid(m, _pad_voxels(pad_mm, vox, "tv"), xp)
+    grid = MaskGrid(m, _pad_voxels(pad_mm, vox, "tv"), xp)
     shape = grid.shape
     w_full, w_src = _data_weights(xp, m, mag, nw, bool(magnitude_weights))
     w2 = grid.put(w_full)
