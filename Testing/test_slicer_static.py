@@ -415,3 +415,20 @@ def test_combo_bound_to_plain_string_fails(module_copy):
          'inversion: str = "auto"')
     problems = check_module(module_copy)
     assert any("inversionComboBox" in p and "Choice" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("module_dir", module_dirs(), ids=lambda p: p.name)
+def test_apply_starts_the_job_once_with_progress(module_dir):
+    """Each logic's ``startFromParameterNode`` (what Apply calls) makes one stage call with
+    ``wait=False`` - which starts the job - passing onLine and onProgress through, and does not
+    start it a second time (``startJob``)."""
+    tree = ast.parse((module_dir / f"{module_dir.name}.py").read_text())
+    funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+             and n.name == "startFromParameterNode"]
+    assert len(funcs) == 1, module_dir.name
+    calls = [c for c in ast.walk(funcs[0]) if isinstance(c, ast.Call)]
+    assert not any(isinstance(c.func, ast.Attribute) and c.func.attr == "startJob" for c in calls)
+    starting = [c for c in calls if any(k.arg == "wait" and isinstance(k.value, ast.Constant)
+                                        and k.value.value is False for k in c.keywords)]
+    assert len(starting) == 1, module_dir.name
+    assert {"onLine", "onProgress"} <= {k.arg for k in starting[0].keywords}

@@ -26,6 +26,7 @@ from typing import Annotated, Union
 import qt
 import slicer
 import vtk
+from QSMLib.stagewidget import StageWidgetMixin
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
@@ -179,22 +180,19 @@ class QSMParameterNode:
 #
 
 
-class QSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class QSMWidget(StageWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Uses ScriptedLoadableModuleWidget base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    StageWidgetMixin (first, so its cleanup/enter/exit override the base's) holds the
+    parameter-node plumbing and the job runner, shared with the stage modules.
     """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self.runner = None
+        self.initPanel()
 
     def setup(self) -> None:
-        from QSMLib.jobrunner import JobRunner
-
         ScriptedLoadableModuleWidget.setup(self)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/QSM.ui"))
@@ -203,46 +201,15 @@ class QSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = QSMLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
-        # The background process is polled from the GUI thread, so the application stays responsive.
-        self.runner = JobRunner(self.logic, self.ui.applyButton, self.ui.cancelButton,
-                                self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit,
-                                onDone=self.onJobDone, canApply=self._ready, title="QSM")
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.runner.cancel)
         self.ui.readHeaderButton.connect("clicked(bool)", self.onReadHeaderButton)
         self.ui.fslDirectoryButton.connect("directoryChanged(QString)", self.onFslDirectoryChanged)
         self.ui.fslTestButton.connect("clicked(bool)", self.onFslTestButton)
         self.ui.fslDirectoryButton.directory = self.logic.fslDirectory() or ""
-
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        if self.runner is not None:
-            self.runner.cleanup()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
+        # The background process is polled from the GUI thread, so the application stays responsive.
+        self.startPanel("QSM")
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        StageWidgetMixin.initializeParameterNode(self)
         # Preselect magnitude and phase by name, to save a few clicks
         for attr, words in (("magnitude", ("mag",)), ("phase", ("pha",))):
             if getattr(self._parameterNode, attr) is None:
@@ -251,22 +218,11 @@ class QSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         setattr(self._parameterNode, attr, node)
                         break
 
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
-
     def _ready(self) -> bool:
         p = self._parameterNode
         return bool(p and p.magnitude and p.phase and p.echoTimesMs.strip())
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        self.runner.refresh()
+    def updateWidgets(self) -> None:
         self.ui.applyButton.toolTip = (_("Compute the brain mask, fields and chi") if self._ready()
                                        else _("Select magnitude and phase and give the echo times"))
 
@@ -293,14 +249,9 @@ class QSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not ok:
             slicer.util.warningDisplay(message, windowTitle=_("QSM: FSL"))
 
-    def onApplyButton(self) -> None:
-        self.runner.start(lambda onLine, onProgress: self.logic.startPipelineFromParameterNode(
-            self._parameterNode, onLine=onLine, onProgress=onProgress))
-
     def onJobDone(self, job, nodes) -> None:
         self.logic.storeOutputs(self._parameterNode, nodes)
         slicer.util.setSliceViewerLayers(background=nodes["chi"], fit=True)
-        self._checkCanApply()
 
 
 #
@@ -409,7 +360,7 @@ class QSMLogic(ScriptedLoadableModuleLogic):
                            outputs=outputs or dict.fromkeys(PIPELINE_OUTPUTS), **self._jobKwargs())
         return self._run(job, wait, onLine, onProgress)
 
-    def startPipelineFromParameterNode(self, p, onLine=None, onProgress=None):
+    def startFromParameterNode(self, p, onLine=None, onProgress=None):
         from QSMLib.jobs import parse_echo_times_ms
 
         if not p.magnitude or not p.phase:
@@ -449,18 +400,19 @@ class QSMLogic(ScriptedLoadableModuleLogic):
 
     def removeBackground(self, totalField, mask, method="auto", weights=None, parameters=None,
                          fieldUnits="ppm", fieldStrength=None, echoTimes=None, device="auto",
-                         output=None, outputMask=None, wait=True):
+                         output=None, outputMask=None, wait=True, onLine=None, onProgress=None):
         """Total field -> {"field_local": node (ppm), "local_mask": node}."""
         from QSMLib.jobs import background_job
 
         job = background_job(totalField, mask, method=method, weights=weights, params=parameters,
                              field_units=fieldUnits, b0=fieldStrength, te=echoTimes, device=device,
                              output=output, output_mask=outputMask, **self._jobKwargs())
-        return self._run(job, wait)
+        return self._run(job, wait, onLine, onProgress)
 
     def invertField(self, localField, mask, magnitude=None, method="auto", parameters=None,
                     fieldUnits="ppm", fieldStrength=None, echoTimes=None, device="auto",
-                    output=None, reference=None, referenceLabel=None, wait=True):
+                    output=None, reference=None, referenceLabel=None, wait=True, onLine=None,
+                    onProgress=None):
         """Local field -> chi node (ppm). ``reference``: None, ``"mask"`` or a label-map node
         (e.g. CSF) whose mean chi is subtracted (``referenceLabel``: one label of it)."""
         from QSMLib.jobs import invert_job
@@ -469,7 +421,7 @@ class QSMLogic(ScriptedLoadableModuleLogic):
                          field_units=fieldUnits, b0=fieldStrength, te=echoTimes, device=device,
                          output=output, reference=reference, reference_label=referenceLabel,
                          **self._jobKwargs())
-        result = self._run(job, wait)
+        result = self._run(job, wait, onLine, onProgress)
         return result["chi"] if wait else result
 
     def segmentStatistics(self, chi, segmentation, reference=None, erodeMm=0.0, tableNode=None):

@@ -106,12 +106,12 @@ class QSMBackgroundRemovalLogic(QSMLogic, ScriptedLoadableModuleLogic):
         return QSMBackgroundRemovalParameterNode(ScriptedLoadableModuleLogic.getParameterNode(self))
 
     def startFromParameterNode(self, p, onLine=None, onProgress=None):
-        job = self.removeBackground(
+        return self.removeBackground(
             p.totalField, p.brainMask, method=p.method, weights=p.weights, parameters=p.parameters,
             fieldUnits=p.fieldUnits, fieldStrength=p.fieldStrengthT,
             echoTimes=[p.echoTimeMs / 1000.0] if p.fieldUnits == "rad" else None,
-            device=p.device, output=p.localField, outputMask=p.localMask, wait=False)
-        return self.startJob(job, onLine, onProgress)
+            device=p.device, output=p.localField, outputMask=p.localMask, wait=False,
+            onLine=onLine, onProgress=onProgress)
 
 
 class QSMBackgroundRemovalTest(ScriptedLoadableModuleTest):

@@ -116,7 +116,7 @@ class QSMCoilCombinationLogic(QSMLogic, ScriptedLoadableModuleLogic):
 
     def combineCoils(self, magnitude, phase, bodyMagnitude=None, bodyPhase=None, numberOfEchoes=1,
                      echoTimes=None, method="auto", parameters=None, outputMagnitude=None,
-                     outputPhase=None, wait=True):
+                     outputPhase=None, wait=True, onLine=None, onProgress=None):
         """Channel images -> {"magnitude": node, "phase": node (rad)}. ``echoTimes`` in
         seconds (needed by MCPC-3D-S and ASPIRE)."""
         from QSMLib.jobs import combine_job
@@ -125,17 +125,17 @@ class QSMCoilCombinationLogic(QSMLogic, ScriptedLoadableModuleLogic):
                           te=echoTimes, method=method, params=parameters,
                           output_magnitude=outputMagnitude, output_phase=outputPhase,
                           **self._jobKwargs())
-        return self._run(job, wait)
+        return self._run(job, wait, onLine, onProgress)
 
     def startFromParameterNode(self, p, onLine=None, onProgress=None):
         from QSMLib.jobs import parse_echo_times_ms
 
         te = parse_echo_times_ms(p.echoTimesMs) if p.echoTimesMs.strip() else None
-        job = self.combineCoils(p.channelMagnitude, p.channelPhase, p.bodyMagnitude, p.bodyPhase,
-                                numberOfEchoes=p.numberOfEchoes, echoTimes=te, method=p.method,
-                                parameters=p.parameters, outputMagnitude=p.combinedMagnitude,
-                                outputPhase=p.combinedPhase, wait=False)
-        return self.startJob(job, onLine, onProgress)
+        return self.combineCoils(p.channelMagnitude, p.channelPhase, p.bodyMagnitude, p.bodyPhase,
+                                 numberOfEchoes=p.numberOfEchoes, echoTimes=te, method=p.method,
+                                 parameters=p.parameters, outputMagnitude=p.combinedMagnitude,
+                                 outputPhase=p.combinedPhase, wait=False, onLine=onLine,
+                                 onProgress=onProgress)
 
 
 class QSMCoilCombinationTest(ScriptedLoadableModuleTest):

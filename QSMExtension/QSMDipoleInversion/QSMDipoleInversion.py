@@ -129,12 +129,12 @@ class QSMDipoleInversionLogic(QSMLogic, ScriptedLoadableModuleLogic):
         return {}
 
     def startFromParameterNode(self, p, onLine=None, onProgress=None):
-        job = self.invertField(
+        return self.invertField(
             p.localField, p.brainMask, magnitude=p.magnitude, method=p.method,
             parameters=p.parameters, fieldUnits=p.fieldUnits, fieldStrength=p.fieldStrengthT,
             echoTimes=[p.echoTimeMs / 1000.0] if p.fieldUnits == "rad" else None,
-            device=p.device, output=p.chiVolume, wait=False, **self.referenceArguments(p))
-        return self.startJob(job, onLine, onProgress)
+            device=p.device, output=p.chiVolume, wait=False, onLine=onLine, onProgress=onProgress,
+            **self.referenceArguments(p))
 
 
 class QSMDipoleInversionTest(ScriptedLoadableModuleTest):
