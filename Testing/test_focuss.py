@@ -36,19 +36,18 @@ def noisy(field, mask, seed=0):
 @pytest.fixture(scope="module")
 def phantom_runs():
     """The original experiment on the default 256 x 256 x 64 grid (0.9375 x 0.9375 x 2.5 mm):
-    noisy local field -> chi by FOCUSS with and without the prior, and TKD. The phantom's
-    magnitude is noise-free, so the runs use the ``simulation`` preset (a user's choice, not
-    detected); the default ``invivo`` preset is measured too."""
+    noisy local field -> chi by FOCUSS with and without the prior, and TKD, all at their
+    defaults. The phantom's magnitude is noise-free, so the default ``preset="auto"`` picks
+    ``simulation``; the ``invivo`` preset is measured on the same data too."""
     ph = make_phantom()
     field = noisy(ph.field_local, ph.mask)
     runs = {}
     for name, call in [
-        ("focuss", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, ph.magnitude,
-                                     preset="simulation")),
+        ("focuss", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, ph.magnitude)),
         ("focuss_no_prior", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir,
-                                              ph.magnitude, prior="none", preset="simulation")),
-        ("focuss_default", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir,
-                                             ph.magnitude)),
+                                              ph.magnitude, prior="none")),
+        ("focuss_invivo", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir,
+                                            ph.magnitude, preset="invivo")),
         ("tkd", lambda: inversion.tkd(field, ph.mask, ph.voxel_size, ph.b0_dir)),
     ]:
         t0 = time.perf_counter()
@@ -68,10 +67,12 @@ def phantom_runs():
 
 def test_phantom_focuss_meets_the_original_figure(phantom_runs):
     r = phantom_runs["focuss"]
-    assert r["info"]["preset_used"] == "simulation"  # noise-free magnitude: edges trusted
+    # the default preset="auto" trusts a noise-free magnitude's edges
+    assert r["info"]["preset"] == "auto" and r["info"]["preset_used"] == "simulation"
+    assert r["info"]["magnitude_snr"] == "inf"
     assert r["nrmse"] <= 1.3, f"NRMSE {r['nrmse']:.2f} %"
-    # the default (in-vivo) preset on the same data: 9.3 % measured, still far ahead of TKD
-    d = phantom_runs["focuss_default"]
+    # the in-vivo preset on the same data: 10.2 % measured, still far ahead of TKD
+    d = phantom_runs["focuss_invivo"]
     assert d["info"]["preset_used"] == "invivo"
     assert d["nrmse"] < 12.0 and d["nrmse"] < phantom_runs["tkd"]["nrmse"] / 2, d["nrmse"]
     assert r["vessel_contrast"] >= 0.9, f"magic-angle vessel recovered {r['vessel_contrast']:.3f}"
@@ -126,14 +127,15 @@ def test_qsm2016_challenge():
     mask = load("msk.nii.gz") > 0
     chi33, cosmos = load("chi_33.nii.gz"), load("chi_cosmos.nii.gz")
     vox, b0 = (1.0625, 1.0625, 1.0714), (0.0, 0.0, 1.0)
-    chi, info = fq.focuss(field, mask, vox, b0, magn)
+    chi, info = fq.focuss(field, mask, vox, b0, magn)  # defaults: preset="auto"
     err33, errc = metrics.nrmse(chi, chi33, mask), metrics.nrmse(chi, cosmos, mask)
     hfen33 = metrics.hfen(chi, chi33, mask)
     l2, _ = inversion.l2(field, mask, vox, b0)
     print(f"qsm2016 focuss: NRMSE {err33:.1f} % vs chi33, {errc:.1f} % vs COSMOS, "
           f"HFEN {hfen33:.1f} % vs chi33 ({info['seconds']:.1f} s, preset {info['preset_used']}); "
           f"l2 {metrics.nrmse(l2, chi33, mask):.1f} / {metrics.nrmse(l2, cosmos, mask):.1f} %")
-    assert info["preset_used"] == "invivo"
+    # a real magnitude (SNR about 23 by fq.noise_sd): auto chooses the in-vivo preset
+    assert info["preset_used"] == "invivo" and 10 < info["magnitude_snr"] < 50
     assert err33 <= 75.0, f"NRMSE vs chi33 {err33:.1f} %"
     assert errc <= 60.0, f"NRMSE vs COSMOS {errc:.1f} %"
     assert err33 < metrics.nrmse(l2, chi33, mask) and errc < metrics.nrmse(l2, cosmos, mask)
@@ -184,6 +186,27 @@ def test_no_magnitude_falls_back_to_no_prior(small):
     _, info = fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, None, outer=1, refine=2)
     assert info["prior"] == "none" and "no magnitude" in info["fallback"]
     assert info["preset_used"] == "invivo"
+
+
+def test_auto_preset_follows_the_magnitude_snr(small):
+    """``preset="auto"``: the same phantom with its magnitude acquired at SNR 100 (noisy edges)
+    gets ``invivo``; at SNR 1000 (about 690 measured) and noise-free, ``simulation``. The SNR
+    estimate follows the noise added (0.74 x the nominal SNR: the 99th percentile of this
+    magnitude is below its maximum, 1)."""
+    from qsmkit.simulate import simulate_acquisition
+
+    ph, field = small
+    chosen = {}
+    for snr in (100.0, 1000.0):
+        mag = simulate_acquisition(ph, snr=snr, seed=3).magnitude
+        mag = mag[..., 0] if mag.ndim == 4 else mag
+        _, info = fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, mag, outer=1, refine=0)
+        chosen[snr] = info["preset_used"]
+        assert 0.4 * snr < info["magnitude_snr"] < 1.2 * snr, (snr, info["magnitude_snr"])
+    _, info = fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, ph.magnitude, outer=1,
+                        refine=0)
+    chosen["noise-free"] = info["preset_used"]
+    assert chosen == {100.0: "invivo", 1000.0: "simulation", "noise-free": "simulation"}
 
 
 def test_all_zero_magnitude_without_prior_is_ignored(small):

@@ -8,6 +8,7 @@ of a pipeline, and back once, when results are written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -18,9 +19,30 @@ try:  # cupy is optional (extra "gpu"); absent or without a visible GPU means CP
 except Exception:  # pragma: no cover - depends on the machine
     _cupy = None
 
-#: default working precision (the accuracy cost is checked against float64 in the tests)
+#: working precision, read by every stage at call time (the accuracy cost is checked against
+#: float64 in Testing/test_backend.py); change it only through ``precision``
 FLOAT = np.float32
 COMPLEX = np.complex64
+
+
+@contextlib.contextmanager
+def precision(dtype):
+    """Run the stages inside the ``with`` block in ``float32`` (the default) or ``float64``.
+
+    For accuracy checks and for users who want a double-precision reference; float32 halves
+    memory and FFT time. Not thread-safe: it changes the module-wide working precision."""
+    global FLOAT, COMPLEX
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        from .errors import QSMInputError
+        raise QSMInputError(f"precision must be float32 or float64, got {dtype}")
+    old = FLOAT, COMPLEX
+    FLOAT = dtype.type
+    COMPLEX = np.complex64 if dtype == np.float32 else np.complex128
+    try:
+        yield
+    finally:
+        FLOAT, COMPLEX = old
 
 
 def gpu_available() -> bool:

@@ -78,7 +78,6 @@ from .errors import QSMInputError
 from .inversion import INVERSION, check_inputs, gradient_symbol_sq
 from .solvers import dot
 
-F32 = np.float32
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -102,19 +101,19 @@ def _data_weights(xp, m, magnitude, noise_weights, use_magnitude):
     elif magnitude is not None and use_magnitude:
         w, src = magnitude, "magnitude"
     else:
-        return m.astype(F32), "uniform"
+        return m.astype(backend.FLOAT), "uniform"
     w = w * m
     mean = float(xp.mean(w[m]))
     if mean <= 0:
         raise QSMInputError(f"{src.replace('_', ' ')} is zero everywhere in the mask: no data weights")
-    return (w * F32(1 / mean)).astype(F32), src
+    return (w * backend.FLOAT(1 / mean)).astype(backend.FLOAT), src
 
 
 def _conv(x, kernel, shape):
     """F^-1 K F x on the working grid (real FFTs)."""
     t = backend.rfftn(x)
     t *= kernel
-    return backend.irfftn(t, s=shape).astype(F32, copy=False)
+    return backend.irfftn(t, s=shape).astype(backend.FLOAT, copy=False)
 
 
 def _norm(xp, a):
@@ -182,10 +181,10 @@ def lsqr(field, mask, voxel_size, b0_dir, magnitude=None, max_iter=5, noise=None
     grid = MaskGrid(m, _pad_voxels(pad_mm, vox, "lsqr"), xp)
     shape = grid.shape
     mg = grid.put(m, dtype=bool)
-    mf = mg.astype(F32)
+    mf = mg.astype(backend.FLOAT)
     w_full, w_src = _data_weights(xp, m, mag, nw, bool(magnitude_weights))
     w = grid.put(w_full)
-    D = dipole_kernel(shape, vox, b0, xp=xp, dtype=F32)
+    D = dipole_kernel(shape, vox, b0, xp=xp, dtype=backend.FLOAT)
     n_mask = int(m.sum())
 
     def op(x):  # K x = W M A M x
@@ -207,12 +206,12 @@ def lsqr(field, mask, voxel_size, b0_dir, magnitude=None, max_iter=5, noise=None
     if beta == 0:
         raise QSMInputError("lsqr: the weighted field is zero inside the mask (weights vanish where "
                             "the field does not): nothing to invert")
-    u = b / F32(beta)
+    u = b / backend.FLOAT(beta)
     v = op_t(u)
     alpha = _norm(xp, v)
-    v /= F32(max(alpha, 1e-30))
+    v /= backend.FLOAT(max(alpha, 1e-30))
     wdir = v.copy()
-    x = xp.zeros(shape, F32)
+    x = xp.zeros(shape, backend.FLOAT)
     phibar, rhobar = beta, alpha
     history, x_norms = [], []
     stop = "max_iter"
@@ -223,22 +222,22 @@ def lsqr(field, mask, voxel_size, b0_dir, magnitude=None, max_iter=5, noise=None
         stop = "exact"
     else:
         while it < int(max_iter):
-            u = op(v) - F32(alpha) * u
+            u = op(v) - backend.FLOAT(alpha) * u
             beta = _norm(xp, u)
             if beta > 0:
-                u /= F32(beta)
-            v = op_t(u) - F32(beta) * v
+                u /= backend.FLOAT(beta)
+            v = op_t(u) - backend.FLOAT(beta) * v
             alpha = _norm(xp, v)
             if alpha > 0:
-                v /= F32(alpha)
+                v /= backend.FLOAT(alpha)
             rho = math.hypot(rhobar, beta)
             c, s = rhobar / rho, beta / rho
             theta = s * alpha
             rhobar = -c * alpha
             phi = c * phibar
             phibar = s * phibar  # = ||W M (A chi - delta)|| of the current iterate
-            x += F32(phi / rho) * wdir
-            wdir = v - F32(theta / rho) * wdir
+            x += backend.FLOAT(phi / rho) * wdir
+            wdir = v - backend.FLOAT(theta / rho) * wdir
             it += 1
             history.append(phibar)
             x_norms.append(_norm(xp, x))
@@ -266,7 +265,7 @@ def _grad(x, ax, d, xp):
     """Periodic forward difference (x[j + 1] - x[j]) / d along ``ax`` (per mm)."""
     out = xp.roll(x, -1, ax)
     out -= x
-    out *= F32(1 / d)
+    out *= backend.FLOAT(1 / d)
     return out
 
 
@@ -274,13 +273,13 @@ def _grad_t(y, ax, d, xp):
     """Adjoint of ``_grad``: (y[j - 1] - y[j]) / d."""
     out = xp.roll(y, 1, ax)
     out -= y
-    out *= F32(1 / d)
+    out *= backend.FLOAT(1 / d)
     return out
 
 
 def _shrink(x, t, xp):
     """Soft threshold sign(x) max(|x| - t, 0) (the prox of t |.|_1)."""
-    return xp.sign(x) * xp.maximum(xp.abs(x) - t, F32(0))
+    return xp.sign(x) * xp.maximum(xp.abs(x) - t, backend.FLOAT(0))
 
 
 def edge_mask(magnitude, mask, voxel_size, edge_fraction=0.3, edge_weight=0.0):
@@ -291,22 +290,22 @@ def edge_mask(magnitude, mask, voxel_size, edge_fraction=0.3, edge_weight=0.0):
     Returns a list of three float32 arrays of the magnitude's shape (numpy or cupy)."""
     xp = get_array_module(magnitude)
     m = xp.asarray(mask).astype(bool)
-    mag = xp.asarray(magnitude, dtype=F32) * m
+    mag = xp.asarray(magnitude, dtype=backend.FLOAT) * m
     grads = [xp.abs(_grad(mag, ax, d, xp)) for ax, d in enumerate(voxel_size)]
     pooled = xp.concatenate([g[m] for g in grads])
     thr = float(xp.percentile(pooled, 100.0 * (1.0 - edge_fraction)))
-    return [xp.where(g > thr, F32(edge_weight), F32(1)).astype(F32) for g in grads]
+    return [xp.where(g > thr, backend.FLOAT(edge_weight), backend.FLOAT(1)).astype(backend.FLOAT) for g in grads]
 
 
 class _TVState:
     """ADMM variables on the working grid (chi, z = G chi, v = A chi and the scaled duals)."""
 
     def __init__(self, xp, shape, v0):
-        self.chi = xp.zeros(shape, F32)
-        self.z = [xp.zeros(shape, F32) for _ in range(3)]
-        self.s1 = [xp.zeros(shape, F32) for _ in range(3)]
+        self.chi = xp.zeros(shape, backend.FLOAT)
+        self.z = [xp.zeros(shape, backend.FLOAT) for _ in range(3)]
+        self.s1 = [xp.zeros(shape, backend.FLOAT) for _ in range(3)]
         self.v = v0.copy()
-        self.s2 = xp.zeros(shape, F32)
+        self.s2 = xp.zeros(shape, backend.FLOAT)
         self.mu1 = None
 
 
@@ -318,13 +317,13 @@ def _tv_admm(state, delta, w2, mg, D, e2, vox, alpha, mu1, mu2, tol, max_iter, x
     shape = delta.shape
     if state.mu1 is not None and state.mu1 != mu1:  # scaled duals s = y / mu
         for s in state.s1:
-            s *= F32(state.mu1 / mu1)
+            s *= backend.FLOAT(state.mu1 / mu1)
     state.mu1 = mu1
-    den = F32(mu1) * e2 + F32(mu2) * D * D
+    den = backend.FLOAT(mu1) * e2 + backend.FLOAT(mu2) * D * D
     den[(0,) * 3] = 1  # k = 0: the mean of chi is not determined; its numerator is 0 below
-    inv_den = (1 / den).astype(F32)
+    inv_den = (1 / den).astype(backend.FLOAT)
     del den
-    thr = [F32(alpha / mu1) * g for g in mg]
+    thr = [backend.FLOAT(alpha / mu1) * g for g in mg]
     w2d = w2 * delta
     stop = "max_iter"
     it = 0
@@ -338,13 +337,13 @@ def _tv_admm(state, delta, w2, mg, D, e2, vox, alpha, mu1, mu2, tol, max_iter, x
             g = _grad_t(state.z[ax] - state.s1[ax], ax, vox[ax], xp)
             t = g if t is None else t + g
         num = backend.rfftn(t)
-        num *= F32(mu1)
-        num += F32(mu2) * D * backend.rfftn(state.v - state.s2)
+        num *= backend.FLOAT(mu1)
+        num += backend.FLOAT(mu2) * D * backend.rfftn(state.v - state.s2)
         num *= inv_den
         num[(0,) * 3] = 0
-        chi_new = backend.irfftn(num, s=shape).astype(F32, copy=False)
+        chi_new = backend.irfftn(num, s=shape).astype(backend.FLOAT, copy=False)
         num *= D
-        a_chi = backend.irfftn(num, s=shape).astype(F32, copy=False)
+        a_chi = backend.irfftn(num, s=shape).astype(backend.FLOAT, copy=False)
         del num, t
         change = _norm(xp, chi_new - state.chi) / max(_norm(xp, chi_new), 1e-30)
         state.chi = chi_new
@@ -357,7 +356,7 @@ def _tv_admm(state, delta, w2, mg, D, e2, vox, alpha, mu1, mu2, tol, max_iter, x
             state.s1[ax] += g - z_new[ax]  # dual ascent (eq. 12)
         state.z = z_new
         # v-update: voxel-wise weighted least squares (eq. 11)
-        state.v = (w2d + F32(mu2) * (a_chi + state.s2)) / (w2 + F32(mu2))
+        state.v = (w2d + backend.FLOAT(mu2) * (a_chi + state.s2)) / (w2 + backend.FLOAT(mu2))
         state.s2 += a_chi - state.v
         it += 1
         if change < tol:
@@ -382,7 +381,7 @@ def _tv_admm(state, delta, w2, mg, D, e2, vox, alpha, mu1, mu2, tol, max_iter, x
         for ax in range(3):
             g = _grad_t(dz[ax], ax, vox[ax], xp)
             t = g if t is None else t + g
-        return F32(mu1) * t + F32(mu2) * _conv(dv, D, shape)
+        return backend.FLOAT(mu1) * t + backend.FLOAT(mu2) * _conv(dv, D, shape)
 
     s = dual_like([a - b for a, b in zip(state.z, z_prev)], state.v - v_prev)
     # relative to the chi-update's right-hand side (Boyd's ||A^T y|| vanishes at the optimum here,
@@ -486,9 +485,9 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha=2e-3, mu1_factor=1
     if mag is not None and edge_fraction > 0:
         mg = edge_mask(grid.put(mag), grid.put(m, dtype=bool), vox, edge_fraction, edge_weight)
     else:
-        mg = [xp.ones(shape, F32) for _ in range(3)]
-    D = dipole_kernel(shape, vox, b0, xp=xp, dtype=F32)
-    e2 = gradient_symbol_sq(shape, vox, xp=xp, dtype=F32)
+        mg = [xp.ones(shape, backend.FLOAT) for _ in range(3)]
+    D = dipole_kernel(shape, vox, b0, xp=xp, dtype=backend.FLOAT)
+    e2 = gradient_symbol_sq(shape, vox, xp=xp, dtype=backend.FLOAT)
     state = _TVState(xp, shape, delta)
 
     curve = None
