@@ -242,7 +242,7 @@ def _fsl_record(config=None):
 def _config(args):
     return PipelineConfig(
         masking=args.masking, unwrapping=args.unwrapping, background=args.background,
-        inversion=args.inversion, device=args.device,
+        inversion=args.inversion, device=args.device, precision=args.precision,
         masking_params=parse_params(args.masking_param),
         unwrapping_params=parse_params(args.unwrapping_param),
         field_params=parse_params(args.field_param),
@@ -646,6 +646,9 @@ def cmd_demo(args):
 def _add_common(p):
     p.add_argument("--device", default="auto", choices=["cpu", "gpu", "auto"],
                    help="compute device (default: auto = GPU when cupy sees one)")
+    p.add_argument("--precision", default="float32", choices=["float32", "float64"],
+                   help="working precision (default float32; float64 for a reference run, "
+                        "twice the memory; outputs are written as float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -881,7 +884,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _configure_fsl(args)
-        args.func(args)
+        with backend.precision(getattr(args, "precision", "float32")):
+            args.func(args)
     except QSMInputError as err:
         print(f"qsmkit: error: {err}", file=sys.stderr)
         return 2

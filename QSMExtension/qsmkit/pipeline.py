@@ -37,6 +37,9 @@ class PipelineConfig:
     background: str = "auto"
     inversion: str = "auto"
     device: str = "auto"
+    #: working precision of every stage: float32 (default) or float64 (a reference run;
+    #: twice the memory); see ``backend.precision``
+    precision: str = "float32"
     masking_params: dict = field(default_factory=dict)
     unwrapping_params: dict = field(default_factory=dict)
     #: keywords of ``echoes.fit_field``: method (linear|nonlinear|difference), offset
@@ -53,12 +56,19 @@ class PipelineConfig:
             background=BACKGROUND.resolve(self.background),
             inversion=INVERSION.resolve(self.inversion),
             device=backend.resolve_device(self.device),
+            precision=_check_precision(self.precision),
             masking_params=dict(self.masking_params),
             unwrapping_params=dict(self.unwrapping_params),
             field_params=dict(self.field_params),
             background_params=dict(self.background_params),
             inversion_params=dict(self.inversion_params),
         )
+
+
+def _check_precision(name):
+    if name not in ("float32", "float64"):
+        raise QSMInputError(f"precision must be float32 or float64, got {name!r}")
+    return name
 
 
 @dataclass
@@ -119,7 +129,16 @@ def run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
     voxel_size : mm; b0_dir : unit B0 direction in voxel axes.
     mask : optional brain mask; computed with ``config.masking`` when absent.
     progress : optional callback(stage, done, total).
+    config : methods, parameters, device and working precision (``PipelineConfig``).
     """
+    cfg = (config or PipelineConfig()).resolved()
+    with backend.precision(cfg.precision):
+        return _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg, progress)
+
+
+def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
+                  config: PipelineConfig | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> PipelineResult:
     cfg = (config or PipelineConfig()).resolved()
     magnitude = np.asarray(magnitude, dtype=np.float32)
     phase = np.asarray(phase, dtype=np.float32)
@@ -183,6 +202,7 @@ def sidecar(config: PipelineConfig | None = None, stages=None, inputs=None, extr
         "command": " ".join(sys.argv),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "precision": np.dtype(backend.FLOAT).name,
     }
     if cfg is not None:
         out["device"] = backend.device_name(cfg.device)
