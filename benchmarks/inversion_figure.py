@@ -34,7 +34,7 @@ def main():
     a = p.parse_args()
 
     rows = []  # (row title, truth image, [(method, image, nrmse)], window)
-    for name, field, mask, vox, b0, mag, truths, vessel in datasets():
+    for name, field, mask, vox, b0, mag, truths, vessel, _rois in datasets():
         ref_name, ref = next(iter(truths.items()))
         results = []
         for label, method, params in METHODS:

@@ -43,14 +43,16 @@ METHODS = [
 
 
 def datasets():
-    from qsmkit.simulate import make_phantom
+    from qsmkit.simulate import DEEP_GRAY, LABEL_IDS, make_phantom
 
     ph = make_phantom()
     noise = float(units.rad_to_ppm(0.01, 3.0, 0.02))
     rng = np.random.default_rng(0)
     field = ((ph.field_local + noise * rng.standard_normal(ph.chi.shape)) * ph.mask).astype(np.float32)
+    # per-structure ROIs: the deep gray nuclei (the usual QSM readout), labels inside the mask
+    rois = {n: (ph.labels == LABEL_IDS[n]) & ph.mask for n in DEEP_GRAY}
     yield ("phantom 256x256x64", field, ph.mask, ph.voxel_size, ph.b0_dir, ph.magnitude,
-           {"truth": ph.chi_brain}, ph.vessel_mask)
+           {"truth": ph.chi_brain}, ph.vessel_mask, rois)
     folder = SHARED / "qsm2016"
     if folder.exists():
         import nibabel as nib
@@ -59,17 +61,19 @@ def datasets():
             return np.asarray(nib.load(str(folder / name)).get_fdata(), dtype=np.float32)
 
         img = nib.load(str(folder / "phs_tissue.nii.gz"))
+        ev = np.rint(load("evaluation_mask.nii.gz")).astype(int)
+        rois = {f"roi {k}": ev == k for k in range(1, int(ev.max()) + 1) if (ev == k).any()}
         yield ("2016 challenge 160^3", load("phs_tissue.nii.gz"), load("msk.nii.gz") > 0,
                tuple(float(v) for v in img.header.get_zooms()[:3]), (0.0, 0.0, 1.0),
                load("magn.nii.gz"), {"chi_33": load("chi_33.nii.gz"),
-                                     "cosmos": load("chi_cosmos.nii.gz")}, None)
+                                     "cosmos": load("chi_cosmos.nii.gz")}, None, rois)
     else:
         print(f"(2016 challenge skipped: {folder} not present)")
 
 
 def run(repeats=3):
     rows = []
-    for name, field, mask, vox, b0, mag, truths, vessel in datasets():
+    for name, field, mask, vox, b0, mag, truths, vessel, rois in datasets():
         print(f"\ndipole inversion on {name}, median of {repeats} runs")
         head = "".join(f"{'NRMSE ' + t:>14}{'HFEN ' + t:>13}" for t in truths)
         print(f"{'method':<48}{'median s':>9}{'x tkd':>8}{head}{'SSIM':>7}"
@@ -91,6 +95,11 @@ def run(repeats=3):
                 row[f"nrmse_{t}"] = metrics.nrmse(chi, ref, mask)
                 row[f"hfen_{t}"] = metrics.hfen(chi, ref, mask)
                 cells += f"{row[f'nrmse_{t}']:>14.1f}{row[f'hfen_{t}']:>13.1f}"
+            row["roi_ppb"] = roi_means_ppb(chi, mask, rois)
+            row["roi_error_ppb"] = {
+                t: float(np.mean([abs(row["roi_ppb"][k] - v)
+                                  for k, v in roi_means_ppb(ref, mask, rois).items()]))
+                for t, ref in truths.items()}
             if "chi_33" in truths:
                 for t, ref in truths.items():
                     row[f"challenge_rmse_{t}"] = challenge_rmse(chi * mask, ref)
@@ -100,6 +109,16 @@ def run(repeats=3):
             rows.append(row)
             print(f"{label:<48}{med:>9.2f}{med / base:>8.2f}{cells}{row['ssim']:>7.3f}"
                   + (f"{row['vessel_contrast']:>8.2f}" if vessel is not None else ""))
+        print(f"\n{name}: mean chi per ROI (ppb, each map relative to its mean in the mask) and "
+              "the mean absolute ROI error against each truth")
+        print(f"{'method':<48}" + "".join(f"{k[:9]:>10}" for k in rois)
+              + "".join(f"{'err ' + t[:6]:>12}" for t in truths))
+        for t, ref in truths.items():
+            print(f"{t:<48}" + "".join(f"{v:>10.1f}" for v in roi_means_ppb(ref, mask, rois).values()))
+        for r in rows:
+            if r["dataset"] == name:
+                print(f"{r['method']:<48}" + "".join(f"{v:>10.1f}" for v in r["roi_ppb"].values())
+                      + "".join(f"{r['roi_error_ppb'][t]:>12.1f}" for t in truths))
         if "chi_33" in truths:
             print(f"\n{name}, the challenge's measures (no demeaning, recon x mask; "
                   "Langkammer et al. 2018)")
@@ -111,6 +130,14 @@ def run(repeats=3):
                           f"{r['challenge_hfen_chi_33']:>12.1f}{r['challenge_rmse_cosmos']:>12.1f}"
                           f"{r['challenge_hfen_cosmos']:>12.1f}")
     return rows
+
+
+def roi_means_ppb(chi, mask, rois):
+    """Mean chi (ppb) in each ROI, the map taken relative to its mean in the mask (chi is
+    defined up to a constant; the NRMSE removes the same mean)."""
+    chi = np.asarray(chi, np.float64)
+    base = chi[mask].mean()
+    return {k: 1000 * float(chi[r].mean() - base) for k, r in rois.items()}
 
 
 def challenge_rmse(x, ref):
