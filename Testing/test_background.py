@@ -110,13 +110,16 @@ def case(request):
 
 # Measured over the five scenes (residual background / NRMSE, %): PDF <= 1.5 / 22-26 (whole mask),
 # V-SHARP <= 3.9 / 13-22 (its eroded mask, about 80 % of the voxels), RESHARP <= 1.7 / 24-31.
-# The NRMSE floor is not background: it is the part of the local sources' own field that looks
-# harmonic inside the mask, which every background method removes with the background.
-RESIDUAL_BAR = {"pdf": 3.0, "vsharp": 6.0, "resharp": 3.0}
-NRMSE_BAR = {"pdf": 30.0, "vsharp": 26.0, "resharp": 35.0}
+# The NRMSE floor of the harmonic methods is not background: it is the part of the local
+# sources' own field that looks harmonic inside the mask, which they remove with the background.
+# TFI (PDF, then a joint fit with a TV prior on the sources inside the mask; no magnitude here,
+# so plain TV) gets past it: <= 0.17 / 6.0-9.7 (its parameters were chosen on the head model,
+# not on these scenes).
+RESIDUAL_BAR = {"pdf": 3.0, "vsharp": 6.0, "resharp": 3.0, "tfi": 1.0}
+NRMSE_BAR = {"pdf": 30.0, "vsharp": 26.0, "resharp": 35.0, "tfi": 15.0}
 
 
-@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp"])
+@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp", "tfi"])
 def test_background_scenes(case, method):
     name, voxel, b0_dir, (total, local, bg, mask) = case
     assert np.abs(bg[mask]).max() > 5 * np.abs(local[mask]).max()  # background dominates
@@ -131,7 +134,7 @@ def test_background_scenes(case, method):
     assert err < NRMSE_BAR[method], f"{name} {method}: NRMSE {err:.1f}%"
 
 
-@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp"])
+@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp", "tfi"])
 def test_bad_input(method):
     from qsmkit.errors import QSMInputError
 
@@ -155,7 +158,16 @@ def test_bad_input(method):
     a, _, _ = func(outside, mask, voxel, (0, 0, 1))
     b, _, _ = func(np.where(mask, field, 0), mask, voxel, (0, 0, 1))
     np.testing.assert_array_equal(a, b)
-    if method == "pdf":
+    if method == "tfi":
+        with pytest.raises(QSMInputError, match="magnitude shape"):
+            func(field, mask, voxel, (0, 0, 1), magnitude=np.ones((4, 4, 4)))
+        with pytest.raises(QSMInputError, match="magnitude is all zeros"):
+            func(field, mask, voxel, (0, 0, 1), magnitude=np.zeros(shape))
+        with pytest.raises(QSMInputError, match="lam must be a positive"):
+            func(field, mask, voxel, (0, 0, 1), lam=-1.0)
+        with pytest.raises(QSMInputError, match="edge_fraction"):
+            func(field, mask, voxel, (0, 0, 1), edge_fraction=1.5)
+    if method in ("pdf", "tfi"):
         with pytest.raises(QSMInputError, match="weights shape"):
             func(field, mask, voxel, (0, 0, 1), weights=np.ones((4, 4, 4)))
         with pytest.raises(QSMInputError, match="weights are zero"):
@@ -194,3 +206,18 @@ def test_pdf_padding_only_where_the_mask_nears_the_border():
     # 12 mm margin: x needs none, y 12 - 5 = 7 voxels, z ceil(12 / 2.5) - 2 = 3 slices
     assert background.default_pdf_pad(mask, voxel) == [0, 7, 3]
     assert background.default_pdf_pad(mask, voxel, margin_mm=40) == [10, 35, 14]
+
+
+def test_pipeline_gives_tfi_the_magnitude():
+    """The pipeline hands its combined magnitude to background methods that take one (tfi's
+    edge prior) and the field fit's noise weights to all of them."""
+    from qsmkit.pipeline import PipelineConfig, run_pipeline
+    from qsmkit.simulate import make_phantom, simulate_acquisition
+
+    ph = make_phantom(shape=(48, 48, 24), voxel_size=(4.0, 4.0, 6.0))
+    acq = simulate_acquisition(ph, te=(0.02,), b0=3.0)
+    res = run_pipeline(acq.magnitude, acq.phase, acq.te, acq.b0, ph.voxel_size, ph.b0_dir,
+                       mask=ph.mask, config=PipelineConfig(
+                           background="tfi", background_params={"max_iter": 5}))
+    info = next(r for r in res.stages if r["stage"] == "background")["info"]
+    assert info["fallback"] is None and info["weighted"] and info["iterations"] == 5

@@ -9,11 +9,16 @@ true background alone, relative to the local field):
     V-SHARP  39.7 / 34.5 %   residual 3.6 %   (in its own eroded mask, 90 % of the brain)
     RESHARP  57.6 / 46.5 %   residual 1.9 %
 
+    TFI      17.0 / 8.5 %    residual 1.0 %   (PDF, then 200 ADMM iterations; noisy: 20 / 13 %)
+
 The issue asked for PDF <= 30 / 18 %. That is below what a background projection can reach with
 this (physically motivated) truth: PDF applied to the *true local field alone*, with no
 background at all, already changes it by 44 / 28 %, because part of the field that the brain's
 own sources produce inside the brain is harmonic there and indistinguishable from an external
-field. ``test_error_is_the_brains_own_harmonic_field`` pins this down.
+field. ``test_error_is_the_brains_own_harmonic_field`` pins this down. ``tfi`` (PDF followed by
+total field inversion with a TV prior on the brain's own sources, ``qsmkit.tfi``) gets past
+that floor and meets the bar; its parameters were chosen on this model, and it was then checked
+on the built-in phantom and the analytic scenes of ``test_background.py``, which were not.
 """
 
 import numpy as np
@@ -80,3 +85,53 @@ def test_error_is_the_brains_own_harmonic_field(head):
     e_local = metrics.nrmse(from_local, hm.field_local, hm.mask)
     assert e_local > 35.0  # no background at all, and PDF still removes this much
     assert abs(e_total - e_local) < 5.0
+
+
+@pytest.fixture(scope="module")
+def gre(head):
+    """A single-echo acquisition of the head model (3 T, TE 20 ms, SNR 100): the magnitude for
+    TFI's edge mask, and the field noise of that acquisition (phase noise in ppm)."""
+    from qsmkit import units
+    from qsmkit.headmodel import simulate_gre
+
+    hm, _ = head
+    g = simulate_gre(hm, te=(0.020,), b0=3.0, snr=100)
+    dphi = np.angle(np.exp(1j * (g.phase[..., 0].astype(np.float64) - g.true_phase[..., 0])))
+    noise = (dphi / units.ppm_to_rad(1.0, 3.0, 0.020)).astype(np.float32)
+    return g.magnitude[..., 0], noise
+
+
+@pytest.mark.parametrize("noisy, bars", [(False, (22.0, 12.0)), (True, (26.0, 17.0))])
+def test_tfi_beats_the_harmonic_floor(head, gre, noisy, bars):
+    """TFI meets the issue's 30 % / 18 % on the head model, noise-free (measured 17.0 / 8.5 %)
+    and with the SNR-100 phase noise of a real acquisition (measured about 20 / 13 %); the
+    asserted bars are tighter than the issue's. PDF on the same input: 43 / 27 % and 45 / 31 %."""
+    from qsmkit import tfi
+
+    hm, eroded = head
+    mag, noise = gre
+    field = hm.field_total + noise if noisy else hm.field_total
+    local, valid, info = tfi.tfi(field, hm.mask, hm.voxel_size, hm.b0_dir, magnitude=mag)
+    full = metrics.nrmse(local, hm.field_local, hm.mask)
+    inner = metrics.nrmse(local, hm.field_local, hm.mask & eroded)
+    print(f"tfi ({'noisy' if noisy else 'noise-free'}): NRMSE {full:.1f} / {inner:.1f} %, "
+          f"{info['seconds']:.1f} s")
+    assert valid.sum() == hm.mask.sum() and info["fallback"] is None
+    assert full <= 30.0 and inner <= 18.0  # the issue's bars
+    assert full <= bars[0] and inner <= bars[1], (full, inner)
+    if not noisy:
+        pdf_local, _, _ = background.pdf(field, hm.mask, hm.voxel_size, hm.b0_dir)
+        assert metrics.nrmse(pdf_local, hm.field_local, hm.mask) > full + 15
+
+
+def test_tfi_removes_the_background(head, gre):
+    """Given the true background alone, TFI leaves 1.0 % of the local field's norm (PDF 1.5 %):
+    the prior moves the brain's harmonic part back without letting background in."""
+    from qsmkit import tfi
+
+    hm, _ = head
+    mag, _ = gre
+    left, _, _ = tfi.tfi(hm.field_background, hm.mask, hm.voxel_size, hm.b0_dir, magnitude=mag)
+    residual = 100 * np.linalg.norm(left[hm.mask]) / np.linalg.norm(hm.field_local[hm.mask])
+    print(f"tfi residual background {residual:.2f} %")
+    assert residual < 2.0

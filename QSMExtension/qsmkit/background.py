@@ -319,3 +319,7 @@ def resharp(field, mask, voxel_size, b0_dir=None, weights=None, radius_mm=4.0, l
     local = xp.ascontiguousarray(local * mf, dtype=backend.FLOAT)
     return local, m, {**info.as_dict(), "radius_mm": radius_mm, "lambda": lam, "tol": tol,
                       "max_iter": int(max_iter)}
+
+
+# registers "tfi" (PDF followed by total field inversion with a source prior)
+from . import tfi  # noqa: E402,F401

@@ -22,7 +22,7 @@ from .echoes import combine_magnitude
 from .errors import QSMInputError
 from .inversion import INVERSION
 from .masking import MASKING
-from .pipeline import STAGES, PipelineConfig, run_pipeline, sidecar
+from .pipeline import STAGES, PipelineConfig, accepts, run_pipeline, sidecar
 from .unwrapping import UNWRAPPING
 
 
@@ -133,6 +133,14 @@ def load_weights(args, like: io.Volume):
     if not np.any(data > 0):
         raise QSMInputError("weights are zero everywhere", path)
     return data
+
+
+def load_magnitude_like(path, like: io.Volume):
+    """A magnitude image (3-D, or echoes combined) on the grid of ``like``, finite."""
+    mvol = io.load_echoes([path], what="magnitude")
+    io.check_same_grid(like, mvol, "field", "magnitude")
+    io.require_finite(mvol.data, path, "magnitude")
+    return combine_magnitude(mvol.data)
 
 
 def load_mask(path, like: io.Volume, what="mask"):
@@ -465,23 +473,33 @@ def cmd_background(args):
     field = field_in_mask(field, mask, args.field)
     weights = load_weights(args, vol)
     out_mask = args.out_mask or io.image_stem(args.out) + "_mask.nii.gz"
-    check_outputs([args.out, out_mask], [args.field, args.mask, args.weights, args.noise])
+    check_outputs([args.out, out_mask], [args.field, args.mask, args.weights, args.noise,
+                                         args.magnitude])
     device = backend.resolve_device(args.device)
     method = BACKGROUND.resolve(args.method)
     params = parse_params(args.param)
     b0_dir = b0_dir_for(vol, args.b0_dir)
     t0 = time.perf_counter()
-    local, new_mask, info = BACKGROUND.get(method).func(
+    func = BACKGROUND.get(method).func
+    if args.magnitude:
+        if not accepts(func, "magnitude"):
+            raise QSMInputError(f"{args.magnitude}: --magnitude is used by tfi only; {method} "
+                                "takes noise weights (--weights)")
+        params["magnitude"] = backend.to_device(
+            load_magnitude_like(args.magnitude, vol), device, backend.FLOAT)
+    local, new_mask, info = func(
         backend.to_device(field, device, backend.FLOAT), backend.to_device(mask, device),
         vol.voxel_size, b0_dir,
         weights=None if weights is None else backend.to_device(weights, device, backend.FLOAT),
         **params)
+    params.pop("magnitude", None)
     meta = sidecar(extra={"stage": "background", "method": method, "parameters": params,
                           "info": info, "device": backend.device_name(device),
                           "seconds": round(time.perf_counter() - t0, 3), "units": "ppm",
                           "b0_dir_voxel": list(map(float, b0_dir)),
                           "inputs": {"field": args.field, "mask": args.mask,
                                      "weights": args.weights, "noise": args.noise,
+                                     "magnitude": args.magnitude,
                                      "field_units": args.field_units}})
     io.save_volume(args.out, backend.to_numpy(local), vol.affine, sidecar=meta)
     io.save_volume(out_mask, backend.to_numpy(new_mask), vol.affine, dtype=np.uint8, sidecar=meta)
@@ -491,12 +509,7 @@ def cmd_invert(args):
     vol, field = load_field(args.field, args.field_units, args.b0, args.te, allow_nan=True)
     mask = load_mask(args.mask, vol)
     field = field_in_mask(field, mask, args.field)
-    mag = None
-    if args.magnitude:
-        mvol = io.load_echoes([args.magnitude], what="magnitude")
-        io.check_same_grid(vol, mvol, "field", "magnitude")
-        io.require_finite(mvol.data, args.magnitude, "magnitude")
-        mag = combine_magnitude(mvol.data)
+    mag = load_magnitude_like(args.magnitude, vol) if args.magnitude else None
     region = None
     if args.reference and args.reference != "mask":
         rvol = io.load_volume(args.reference, what="reference region")
@@ -814,6 +827,8 @@ def build_parser():
     p.add_argument("--method", default="auto", choices=BACKGROUND.choices())
     p.add_argument("--weights", help="noise weights, e.g. the magnitude (PDF; larger = more reliable)")
     p.add_argument("--noise", help="field noise SD map (PDF weights = 1/SD)")
+    p.add_argument("--magnitude", help="magnitude image for tfi's edge prior (without it tfi "
+                                       "uses plain TV)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE")
     _add_field_units(p)
     _add_b0_dir(p)

@@ -8,6 +8,7 @@ run on the chosen device, and arrays stay there between those stages.
 from __future__ import annotations
 
 import datetime
+import inspect
 import platform
 import sys
 import time
@@ -26,6 +27,12 @@ from .masking import MASKING
 from .unwrapping import UNWRAPPING
 
 STAGES = ("mask", "field", "background", "inversion")
+
+
+def accepts(func, name) -> bool:
+    """Whether a stage function takes keyword ``name`` (e.g. a background method that uses the
+    magnitude)."""
+    return name in inspect.signature(func).parameters
 
 
 @dataclass
@@ -177,6 +184,8 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
     # field fit derives from the magnitude of every echo, unless the caller gives weights.
     bg_params = {"weights": backend.to_device(fit.weights, cfg.device, backend.FLOAT),
                  **cfg.background_params}
+    if accepts(BACKGROUND.get(cfg.background).func, "magnitude"):  # tfi: its edge prior
+        bg_params.setdefault("magnitude", mag_dev)
     local, local_mask, bg_info = timer.run(
         "background", cfg.background, BACKGROUND.get(cfg.background).func, f_dev, m_dev,
         voxel_size, b0_dir, **bg_params)
