@@ -221,3 +221,19 @@ def test_pipeline_gives_tfi_the_magnitude():
                            background="tfi", background_params={"max_iter": 5}))
     info = next(r for r in res.stages if r["stage"] == "background")["info"]
     assert info["fallback"] is None and info["weighted"] and info["iterations"] == 5
+
+
+def test_tfi_edge_mask_of_a_noise_free_magnitude():
+    """A piecewise-constant magnitude has edges on far fewer voxels than edge_fraction: only
+    those are freed (the percentile alone would be 0 and free every voxel, which turns TFI's
+    prior off)."""
+    from qsmkit.tfi import edge_free_mask
+
+    mag = np.ones((20, 20, 20), np.float32)
+    mag[10:, :, :] = 2.0  # one plane of edges: 5 % of the voxels
+    mask = np.ones(mag.shape, bool)
+    free = edge_free_mask(mag, mask, 0.3)
+    assert free.dtype == np.float32
+    assert np.array_equal(free == 0, np.abs(np.roll(mag, -1, 0) - mag) > 0)
+    noisy = mag + np.random.default_rng(0).normal(0, 0.01, mag.shape).astype(np.float32)
+    assert abs((edge_free_mask(noisy, mask, 0.3) == 0).mean() - 0.3) < 0.01

@@ -69,14 +69,16 @@ def _grad_adj(g, xp):
 
 def edge_free_mask(magnitude, mask, edge_fraction):
     """MEDI's gradient mask: 0 on the ``edge_fraction`` of mask voxels with the largest
-    magnitude gradient (edges, where chi may jump freely), 1 elsewhere."""
+    magnitude gradient (edges, where chi may jump freely), 1 elsewhere. Voxels where the
+    magnitude does not change are never edges: a noise-free, piecewise-constant magnitude has
+    fewer edge voxels than ``edge_fraction``, and its percentile is then 0."""
     xp = backend.get_array_module(magnitude)
     if edge_fraction <= 0:
         return xp.ones(magnitude.shape, backend.FLOAT)
     mg = (magnitude * mask).astype(backend.FLOAT)
     g = xp.sqrt((_grad(mg, xp) ** 2).sum(axis=0))
     thr = float(xp.percentile(g[mask], 100 * (1 - edge_fraction)))
-    return (g < thr).astype(backend.FLOAT)
+    return ~((g >= thr) & (g > 0)) * backend.FLOAT(1)
 
 
 @BACKGROUND.register("tfi", "PDF, then total field inversion with a TV prior on the brain's "
