@@ -101,7 +101,6 @@ from .errors import QSMInputError
 from .inversion import INVERSION, check_inputs
 from .solvers import cg
 
-
 #: parameter sets (see the module docstring); ``auto`` picks one by the magnitude's SNR
 PRESETS = {
     # noise-free or very high SNR magnitude: trust its edges fully, light edge penalty,
@@ -408,7 +407,9 @@ def focuss(field, mask, voxel_size, b0_dir, magnitude=None, prior="magnitude", p
         if prior == "kspace":
             spec = xp.abs(backend.rfftn(_dfw(mg, ax, inv_d[ax], xp)))
             spec *= backend.FLOAT(1 / max(_pct(xp, spec, 99), 1e-30))
-            Kp = (backend.FLOAT(prm["kfloor"]) + backend.FLOAT(1 - prm["kfloor"]) * xp.minimum(spec, 1)).astype(backend.FLOAT)
+            kf = prm["kfloor"]
+            Kp = (backend.FLOAT(kf) + backend.FLOAT(1 - kf) * xp.minimum(spec, 1))
+            Kp = Kp.astype(backend.FLOAT)
             kernel = (D * Kp).astype(backend.FLOAT)
             n_fft[0] += 1
         r = 3.0 * _pct(xp, xp.abs(b[inside]), 99)
@@ -486,7 +487,8 @@ def focuss(field, mask, voxel_size, b0_dir, magnitude=None, prior="magnitude", p
             mu = float(prm["kappa_refine"]) * (sigma / directions[ax]["scale"]) ** 2
             directions[ax]["mu"] = mu
             V2 = prior_weights(ax) ** 2 * J2
-            C2.append(xp.minimum(backend.FLOAT(mu) / xp.maximum(V2, backend.FLOAT(1e-12)), backend.FLOAT(prm["c_max"])))
+            C2.append(xp.minimum(backend.FLOAT(mu) / xp.maximum(V2, backend.FLOAT(1e-12)),
+                                 backend.FLOAT(prm["c_max"])))
         del J2
         diag = backend.FLOAT(float(xp.mean(D * D))) * n2
         for ax in range(3):
@@ -508,7 +510,8 @@ def focuss(field, mask, voxel_size, b0_dir, magnitude=None, prior="magnitude", p
 
         rhs = conv(delta * n2, D)
         rhs *= s
-        z0 = xp.where(s > 0, chi / xp.maximum(s, backend.FLOAT(1e-30)), backend.FLOAT(0)).astype(backend.FLOAT)
+        z0 = xp.where(s > 0, chi / xp.maximum(s, backend.FLOAT(1e-30)), backend.FLOAT(0))
+        z0 = z0.astype(backend.FLOAT)
         z, cg_info = cg(normal_chi, rhs, x0=z0, tol=prm["tol_refine"], max_iter=prm["refine"])
         chi = z * s
         refinement = {**cg_info.as_dict(),

@@ -78,8 +78,6 @@ from .errors import QSMInputError
 from .inversion import INVERSION, check_inputs, gradient_symbol_sq
 from .solvers import dot
 
-
-
 # ----------------------------------------------------------------------------- shared helpers
 
 
@@ -294,7 +292,8 @@ def edge_mask(magnitude, mask, voxel_size, edge_fraction=0.3, edge_weight=0.0):
     grads = [xp.abs(_grad(mag, ax, d, xp)) for ax, d in enumerate(voxel_size)]
     pooled = xp.concatenate([g[m] for g in grads])
     thr = float(xp.percentile(pooled, 100.0 * (1.0 - edge_fraction)))
-    return [xp.where(g > thr, backend.FLOAT(edge_weight), backend.FLOAT(1)).astype(backend.FLOAT) for g in grads]
+    low, one = backend.FLOAT(edge_weight), backend.FLOAT(1)
+    return [xp.where(g > thr, low, one).astype(backend.FLOAT) for g in grads]
 
 
 class _TVState:
