@@ -143,10 +143,9 @@ def run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
         return _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg, progress)
 
 
-def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
-                  config: PipelineConfig | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> PipelineResult:
-    cfg = (config or PipelineConfig()).resolved()
+def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: PipelineConfig,
+                  progress) -> PipelineResult:
+    """``run_pipeline`` inside its precision context; ``cfg`` is already resolved."""
     magnitude = np.asarray(magnitude, dtype=np.float32)
     phase = np.asarray(phase, dtype=np.float32)
     if magnitude.shape != phase.shape:

@@ -31,13 +31,14 @@ the splittings u = D chi and g = grad chi, as in the fast TV-QSM solvers (Bilgic
 2014; Milovic et al., FANSI, MRM 2018): the chi step is diagonal in k-space, the u step and the
 g step (isotropic shrinkage) are pointwise; 4 real FFTs per iteration. It starts from PDF's local
 field, which removes the bulk of the background first, so the joint fit only has to move the
-harmonic parts between inside and outside sources (``make bench``: without the PDF start 200
-iterations reach 32 % instead of 17 % on the head model).
+harmonic parts between inside and outside sources (in the prototype, without the PDF start 200
+iterations reached 32 % instead of 17 % on the head model).
 
-Measured (``Testing/test_tfi.py``, ``benchmarks/background_removal.py``): head model at
-1.28 mm, NRMSE of the local field in the brain mask / in the mask eroded by 3 voxels, 17 / 9 %
-(PDF 43 / 27 %), with SNR-100 phase noise 20 / 13 % (PDF 45 / 31 %); built-in phantom, a
-second geometry with anisotropic voxels, 28 / 9 % (PDF 55 / 57 %). ``lam``, ``edge_fraction``
+Measured (``Testing/test_headmodel.py``, ``Testing/test_background.py``,
+``benchmarks/background_removal.py``): head model at 1.28 mm, NRMSE of the local field in the
+brain mask / in the mask eroded by 3 voxels, 17 / 8.5 % (PDF 43 / 27 %), with SNR-100 phase
+noise 21 / 14 % (PDF 45 / 31 %); built-in phantom, a second geometry with anisotropic voxels,
+27 / 8.5 % (PDF 55 / 57 %); analytic scenes 6-10 % (PDF 22-26 %). ``lam``, ``edge_fraction``
 and ``rho`` were chosen on the head model (lam from 1e-4 to 1e-3 stays within 5 points);
 the phantom was not used for tuning. Both phantoms are piecewise constant with magnitude
 edges that coincide with the susceptibility edges, which suits the prior; in vivo the edges
