@@ -16,6 +16,24 @@ def shared(*parts) -> Path:
     return path
 
 
+def load_qsm2016() -> dict:
+    """The 2016 QSM challenge data as float32 arrays: field (ppm), magnitude, mask, chi_33,
+    cosmos, labels (evaluation_mask, 1..11), voxel size and B0 direction; skips without it."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = shared("qsm2016")
+
+    def load(name):
+        return np.asarray(nib.load(str(folder / name)).get_fdata(), dtype=np.float32)
+
+    return {"field": load("phs_tissue.nii.gz"), "magnitude": load("magn.nii.gz"),
+            "mask": load("msk.nii.gz") > 0, "chi_33": load("chi_33.nii.gz"),
+            "cosmos": load("chi_cosmos.nii.gz"),
+            "labels": np.rint(load("evaluation_mask.nii.gz")).astype(int),
+            "voxel_size": (1.0625, 1.0625, 1.0714), "b0_dir": (0.0, 0.0, 1.0)}
+
+
 @pytest.fixture
 def shared_data():
     return shared

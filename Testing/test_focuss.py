@@ -135,18 +135,11 @@ def test_registered_as_inversion_method():
 
 
 def test_qsm2016_challenge():
-    nib = pytest.importorskip("nibabel")
-    from conftest import shared
+    from conftest import load_qsm2016
 
-    folder = shared("qsm2016")
-
-    def load(name):
-        return np.asarray(nib.load(str(folder / name)).get_fdata(), dtype=np.float32)
-
-    field, magn = load("phs_tissue.nii.gz"), load("magn.nii.gz")
-    mask = load("msk.nii.gz") > 0
-    chi33, cosmos = load("chi_33.nii.gz"), load("chi_cosmos.nii.gz")
-    vox, b0 = (1.0625, 1.0625, 1.0714), (0.0, 0.0, 1.0)
+    d = load_qsm2016()
+    field, magn, mask = d["field"], d["magnitude"], d["mask"]
+    chi33, cosmos, vox, b0 = d["chi_33"], d["cosmos"], d["voxel_size"], d["b0_dir"]
     chi, info = fq.focuss(field, mask, vox, b0, magn)  # defaults: preset="auto"
     err33, errc = metrics.nrmse(chi, chi33, mask), metrics.nrmse(chi, cosmos, mask)
     hfen33 = metrics.hfen(chi, chi33, mask)
@@ -164,7 +157,7 @@ def test_qsm2016_challenge():
     # measured mean |error| 22.2 ppb vs chi_33 and a slope of 0.66 against chi_33's ROI means:
     # the in-vivo preset's regularisation shrinks the deep gray contrast by a third (L2 10.8
     # ppb, TKD 10.0 ppb; with refine=30, 16.3 ppb and 0.79). The bars guard against worse.
-    ev = np.rint(load("evaluation_mask.nii.gz")).astype(int)
+    ev = d["labels"]
     ours, ref = [], []
     for k in range(1, 12):
         roi = ev == k

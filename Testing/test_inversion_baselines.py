@@ -208,19 +208,13 @@ def test_registered():
 def test_qsm2016_challenge():
     """Measured (NRMSE vs chi_33 / COSMOS, HFEN vs chi_33): TKD 110.6 / 86.4 / 100.1; LSQR
     (5 iterations) 90.9 / 71.0 / 83.1; TV-ADMM 87.0 / 71.2 / 77.0 (35 iterations). For
-    context: L2 (lambda 0.05) 84.8 / 65.1; the challenge's best submissions 60-70 % vs chi_33."""
-    nib = pytest.importorskip("nibabel")
-    from conftest import shared
+    context: L2 (lambda 0.05) 84.8 / 65.1."""
+    from conftest import load_qsm2016
 
-    folder = shared("qsm2016")
-
-    def load(name):
-        return np.asarray(nib.load(str(folder / name)).get_fdata(), dtype=np.float32)
-
-    field, magn = load("phs_tissue.nii.gz"), load("magn.nii.gz")
-    mask = load("msk.nii.gz") > 0
-    refs = {"chi_33": load("chi_33.nii.gz"), "cosmos": load("chi_cosmos.nii.gz")}
-    vox, b0 = (1.0625, 1.0625, 1.0714), (0.0, 0.0, 1.0)
+    d = load_qsm2016()
+    field, magn, mask = d["field"], d["magnitude"], d["mask"]
+    refs = {"chi_33": d["chi_33"], "cosmos": d["cosmos"]}
+    vox, b0 = d["voxel_size"], d["b0_dir"]
     res = {}
     for name, call in [("tkd", lambda: inversion.tkd(field, mask, vox, b0)),
                        ("lsqr", lambda: ib.lsqr(field, mask, vox, b0, magn)),
