@@ -31,7 +31,7 @@ import numpy as np
 
 from . import geometry
 from .backend import to_numpy
-from .errors import QSMInputError, warn
+from .errors import QSMInputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: NIfTI xform code for "scanner anatomical" coordinates
@@ -490,8 +490,9 @@ def load_volume(path, *, dtype=None, what="image", allow_complex=True,
 
     Before any voxel is read, the size the header claims is checked against the file and
     the ceiling (``check_image_size``). Complex data are refused when ``allow_complex`` is
-    False (inputs that must be real: masks, fields, magnitudes), and voxel axes sheared beyond ``geometry.SHEAR_TOLERANCE_DEG`` unless
-    ``allow_shear`` (label maps that are resampled).
+    False (inputs that must be real: masks, fields, magnitudes), and voxel axes sheared
+    beyond ``geometry.SHEAR_TOLERANCE_DEG`` unless ``allow_shear`` (ROI statistics, where no
+    dipole kernel is used).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
