@@ -741,6 +741,14 @@ def _add_field_units(p):
     p.add_argument("--te", type=float, nargs="+", help="echo time (s), for rad field units")
 
 
+def _add_phase_scale(p):
+    p.add_argument("--phase-scale", type=float, metavar="PI_VALUE",
+                   help="integer phase without a sidecar naming the Manufacturer: the value that "
+                        "stands for pi (4096 Siemens as dcm2niix writes it, 2048 raw 12-bit "
+                        "0..4095, 3141.59 milliradians); needed when the data do not reach the "
+                        "vendor's full scale")
+
+
 def _add_fsl(p):
     p.add_argument("--use-fsl", choices=_fsl.USE_FSL_CHOICES,
                    help="auto (default): FSL bet/prelude for 'auto' masking/unwrapping when FSL "
@@ -798,6 +806,7 @@ def build_parser():
     p.add_argument("--b0", type=float, help="field strength (T); default from a JSON sidecar")
     p.add_argument("--mask", help="brain mask (skips masking)")
     p.add_argument("--out", required=True, help="output folder")
+    _add_phase_scale(p)
     _add_methods(p)
     _add_b0_dir(p)
     _add_common(p)
@@ -832,6 +841,7 @@ def build_parser():
     p.add_argument("--method", default="auto", choices=["auto", *_coil_methods()],
                    help="auto: bodycoil with a body coil, else mcpc3ds for 2+ echoes, else adaptive")
     p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    _add_phase_scale(p)
     p.add_argument("--out-magnitude", required=True)
     p.add_argument("--out-phase", required=True)
     p.add_argument("--out-sensitivities", metavar="FILE", help="also write the channel "
@@ -851,6 +861,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output stem: STEM_ppm.nii.gz, STEM_hz.nii.gz, "
                    "STEM_noise_sd_ppm.nii.gz, STEM_weights.nii.gz, STEM_magnitude.nii.gz, "
                    "STEM_mask.nii.gz")
+    _add_phase_scale(p)
     _add_fsl(p)
     p.add_argument("--masking", default="auto", choices=MASKING.choices())
     p.add_argument("--unwrapping", default="auto", choices=UNWRAPPING.choices())
@@ -878,6 +889,7 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--method", default="auto", choices=UNWRAPPING.choices())
     p.add_argument("--param", action="append", metavar="KEY=VALUE")
+    _add_phase_scale(p)
     _add_fsl(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_unwrap)
