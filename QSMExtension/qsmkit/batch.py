@@ -279,8 +279,10 @@ def make_client(workers=None, memory_limit="auto", scheduler=None, device="cpu")
     n = workers or max(1, (os.cpu_count() or 2) // 2)
     # threads_per_worker=1: each subject's FFTs already use the worker's cores through scipy;
     # a subject whose worker dies (out of memory, a crash) is retried once on a fresh worker,
-    # then reported as failed (Dask's default is three retries)
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+    # then reported as failed (Dask's default is three retries); a worker is sent one subject
+    # at a time (saturation 1.0), so only the subject it was running is blamed for its death
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+                          "distributed.scheduler.worker-saturation": 1.0}):
         return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    memory_limit=memory_limit, dashboard_address=None))
 

@@ -149,6 +149,7 @@ def load_magnitude_like(path, like: io.Volume):
 def load_mask(path, like: io.Volume, what="mask"):
     vol = io.load_volume(path, what=what, allow_complex=False)
     io.check_same_grid(like, vol, "image", what)
+    io.require_finite(vol.data, path, what)
     if vol.data.ndim != 3:
         raise QSMInputError(f"{path}: {what} must be 3-D, got shape {vol.data.shape}")
     mask = np.asarray(vol.data) > 0
