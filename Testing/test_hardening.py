@@ -412,7 +412,8 @@ def test_integer_phase_without_sidecar_needs_the_scale(sim, tmp_path, capsys):
 # ------------------------------------------------------------------ 7. labels
 
 def test_label_maps_non_integer_nan_and_absurd_counts_are_refused(sim, tmp_path, capsys):
-    labels = nib.load(str(sim / "labels.nii.gz")).get_fdata()
+    img = nib.load(str(sim / "labels.nii.gz"))
+    labels, affine = img.get_fdata(), img.affine
     chi = str(sim / "chi_true.nii.gz")
     cases = {"half": (labels * 0.5, "voxels with non-integer values (e.g. "),
              "nan": (np.where(labels == 1, np.nan, labels), "NaN/Inf voxels")}
@@ -421,7 +422,7 @@ def test_label_maps_non_integer_nan_and_absurd_counts_are_refused(sim, tmp_path,
                           "distinct labels, more than 2000")
     for name, (data, expect) in cases.items():
         path = _save(tmp_path / f"{name}_labels.nii.gz", data.astype(np.float32)
-                     if name != "intensity" else data)
+                     if name != "intensity" else data, affine)
         assert main(["stats", "--chi", chi, "--labels", path, "--out",
                      str(tmp_path / f"{name}.csv")]) == 2
         assert expect in _one_error_line(capsys), name
