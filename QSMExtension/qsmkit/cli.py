@@ -165,6 +165,7 @@ def cmd_simulate(args):
 
     units.check_b0(args.b0)
     units.check_te(args.te)
+    _check_shape(args.shape, args.coils + 1 if args.coils else 1)
     b0_dir = np.asarray(args.b0_dir if args.b0_dir else (0.0, 0.0, 1.0), dtype=float)
     t0 = time.perf_counter()
     ph = make_phantom(shape=tuple(args.shape), voxel_size=tuple(args.voxel_size),
@@ -177,6 +178,11 @@ def cmd_simulate(args):
     if not args.quiet:
         print(f"simulated {ph.chi.shape} phantom in {time.perf_counter() - t0:.1f} s; "
               f"wrote {len(files)} files to {args.out}")
+
+
+def _check_shape(shape, copies=1):
+    """Refuse a simulation whose float32 volume (times ``copies``) is above the memory ceiling."""
+    io.check_claim(None, [*shape, max(int(copies), 1)], 4, "the requested phantom")
 
 
 def write_simulation(out, ph, acq, params):
@@ -321,6 +327,7 @@ def cmd_mask(args):
     vol = io.load_echoes(args.magnitude, what="magnitude", allow_complex=False)
     io.require_finite(vol.data, args.magnitude[0], "magnitude")
     check_outputs([args.out], args.magnitude)
+    units.check_non_negative("--erode", args.erode)
     method = MASKING.resolve(args.method)
     params = MASKING.validate_params(method, parse_params(args.param))
     if args.erode:
@@ -597,6 +604,7 @@ def cmd_invert(args):
 def cmd_stats(args):
     from . import stats
 
+    units.check_non_negative("--erode", args.erode)
     chi = io.load_volume(args.chi, what="chi map", allow_complex=False, allow_shear=True)
     if chi.data.ndim != 3:
         raise QSMInputError(f"chi map must be 3-D, got shape {chi.data.shape}", args.chi)
@@ -713,6 +721,9 @@ class PartialFailure(Exception):
 def cmd_demo(args):
     from . import demo
 
+    units.check_b0(args.b0)
+    units.check_te(args.te)
+    _check_shape(args.shape)
     demo.run_demo(args.out, shape=tuple(args.shape), voxel_size=tuple(args.voxel_size),
                   seed=args.seed, snr=args.snr, te=tuple(args.te), b0=args.b0,
                   config=_config(args), quiet=args.quiet)

@@ -203,8 +203,8 @@ def _gb(n) -> str:
     return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n:,} bytes"
 
 
-def _check_claim(path, shape, itemsize, what) -> int:
-    """Refuse a header claim above the ceiling; returns the claimed data bytes."""
+def check_claim(path, shape, itemsize, what) -> int:
+    """Refuse a header claim (or a requested array) above the ceiling; returns its bytes."""
     shape = tuple(int(n) for n in shape)
     if any(n < 0 for n in shape):
         raise QSMInputError(f"cannot read {what} (header gives a negative size {shape})", path)
@@ -212,7 +212,8 @@ def _check_claim(path, shape, itemsize, what) -> int:
     ceiling = max_image_bytes()
     if claimed > ceiling:
         raise QSMInputError(
-            f"header claims {'x'.join(map(str, shape))} voxels of {itemsize} bytes "
+            f"{'header claims' if path is not None else what + ' needs'} "
+            f"{'x'.join(map(str, shape))} voxels of {itemsize} bytes "
             f"({_gb(claimed)}), above the ceiling of {_gb(ceiling)} (half the memory; set "
             f"{MAX_IMAGE_GB_ENV} to change it)", path)
     return claimed
@@ -265,7 +266,7 @@ def _gzip_holds_at_least(path, need, start=0, raw_zlib=False) -> None:
 def _guard_nifti(path, what) -> None:
     img = nib.load(path, mmap=False)  # header only; the data are read later
     hdr = img.header
-    claimed = _check_claim(path, hdr.get_data_shape(), hdr.get_data_dtype().itemsize, what)
+    claimed = check_claim(path, hdr.get_data_shape(), hdr.get_data_dtype().itemsize, what)
     need = int(hdr.get_data_offset()) + claimed
     if path.lower().endswith(".gz"):
         _gzip_holds_at_least(path, need)
@@ -316,7 +317,7 @@ def _guard_nrrd(path, what) -> None:
         return  # SimpleITK gives the reason
     if fields.get("type", "").lower() == "block":
         itemsize = int(fields.get("blocksize", 1) or 1)
-    claimed = _check_claim(path, sizes, itemsize, what)
+    claimed = check_claim(path, sizes, itemsize, what)
     data_file = fields.get("data file", fields.get("datafile"))
     if data_file:
         if data_file.startswith("LIST") or "%" in data_file:
@@ -353,7 +354,7 @@ def _guard_metaimage(path, what) -> None:
         itemsize *= int(fields.get("elementnumberofchannels", 1))
     except (KeyError, ValueError):
         return
-    claimed = _check_claim(path, sizes, itemsize, what)
+    claimed = check_claim(path, sizes, itemsize, what)
     data_file = fields.get("elementdatafile", "LOCAL")
     if data_file.upper() != "LOCAL":
         if data_file.upper().startswith("LIST") or "%" in data_file:
@@ -378,7 +379,7 @@ def _guard_sitk(path, what) -> None:
     reader.ReadImageInformation()
     itemsize = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
                                                               reader.GetPixelID())).dtype).itemsize
-    _check_claim(path, [*reader.GetSize(), reader.GetNumberOfComponents()], itemsize, what)
+    check_claim(path, [*reader.GetSize(), reader.GetNumberOfComponents()], itemsize, what)
 
 
 def check_image_size(path, what="image") -> None:
