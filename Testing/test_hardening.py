@@ -658,3 +658,34 @@ def test_every_command_refuses_every_corruption(sim, tmp_path, capsys):
                 cases += 1
     assert _tree(good) == inputs_before
     assert cases == 110  # the README quotes this count
+
+
+# ------------------------------------------------------------------ beyond the list
+
+def test_other_options_and_files_give_one_line(sim, tmp_path, capsys):
+    """The same classes elsewhere: a phantom larger than the memory ceiling, a negative
+    erosion, a cohort table that is not UTF-8, a segmentation whose header claims too much."""
+    cases = [
+        (["simulate", "--out", str(tmp_path / "s"), "--shape", "100000", "100000", "100000"],
+         "the requested phantom needs"),
+        (["mask", "--magnitude", str(sim / "magnitude.nii.gz"), "--erode", "-1", "--out",
+          str(tmp_path / "m.nii.gz")], "--erode must be zero or positive"),
+    ]
+    table = tmp_path / "cohort.csv"
+    table.write_bytes(b"subject,label\n\xff\xfe\n")
+    cases.append((["stats", "--chi", str(sim / "chi_true.nii.gz"), "--labels",
+                   str(sim / "labels.nii.gz"), "--out", str(table), "--append"],
+                  "not readable UTF-8"))
+    seg = tmp_path / "big.seg.nrrd"
+    seg.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 900 900 900\nencoding: gzip\n\n"
+                    + gzip.compress(b"\0" * 16))
+    cases.append((["stats", "--chi", str(sim / "chi_true.nii.gz"), "--labels", str(seg),
+                   "--out", str(tmp_path / "t.csv")], "truncated file or corrupt header"))
+    bids = _bids(tmp_path / "bids", n=1)
+    cases.append((["batch", str(bids), "--memory-limit", "lots", "--out", str(tmp_path / "d")],
+                  "--memory-limit 'lots' is not a size"))
+    for argv, expect in cases:
+        assert main([*argv, "--quiet"]) == 2, argv
+        assert expect in _one_error_line(capsys), argv
+    assert sorted(os.listdir(tmp_path)) == ["bids", "big.seg.nrrd", "cohort.csv", "d"]
+    assert json.loads((tmp_path / "d" / "batch_summary.json").read_text())["not_run"] == ["sub-01"]

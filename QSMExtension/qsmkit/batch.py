@@ -265,8 +265,20 @@ def make_client(workers=None, memory_limit="auto", scheduler=None, device="cpu")
         from dask.distributed import Client, LocalCluster
     except ImportError:
         raise QSMInputError("qsmkit batch needs Dask: pip install 'qsmkit[batch]'") from None
+    if memory_limit not in (None, "auto"):
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(memory_limit)
+        except (ValueError, TypeError):
+            raise QSMInputError(f"--memory-limit {memory_limit!r} is not a size such as 4GB or "
+                                "500MB") from None
     if scheduler:
-        return Client(scheduler)
+        try:
+            return Client(scheduler, timeout=30)
+        except (OSError, ValueError, TypeError) as err:
+            raise QSMInputError(f"cannot reach the Dask scheduler {scheduler} ("
+                                f"{' '.join(str(err).split())[:200]})") from None
     if device == "gpu":
         try:
             from dask_cuda import LocalCUDACluster  # one worker pinned to each GPU
