@@ -705,11 +705,8 @@ def _coil_methods():
     return COMBINATION.names()
 
 
-def build_parser():
-    parser = OneLineParser(prog="qsmkit", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"qsmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-
+def _add_demo_command(sub):
+    """``qsmkit demo``."""
     p = sub.add_parser("demo", help="simulate the built-in phantom and run the whole pipeline on it")
     p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     p.add_argument("--shape", nargs=3, type=int, default=[256, 256, 64])
@@ -722,6 +719,9 @@ def build_parser():
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
+
+def _add_run_command(sub):
+    """``qsmkit run``."""
     p = sub.add_parser("run", help="the whole pipeline: magnitude + phase -> chi")
     p.add_argument("--magnitude", nargs="+", help="4-D file or one file per echo")
     p.add_argument("--phase", nargs="+", help="4-D file or one file per echo (rad, or vendor "
@@ -740,6 +740,9 @@ def build_parser():
     _add_common(p)
     p.set_defaults(func=cmd_run)
 
+
+def _add_simulate_command(sub):
+    """``qsmkit simulate``."""
     p = sub.add_parser("simulate", help="write a phantom data set with ground truth")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--shape", nargs=3, type=int, default=[256, 256, 64])
@@ -757,6 +760,9 @@ def build_parser():
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_simulate)
 
+
+def _add_combine_command(sub):
+    """``qsmkit combine``."""
     p = sub.add_parser("combine", help="coil combination: channel images -> one magnitude and "
                        "phase per echo")
     p.add_argument("--magnitude", required=True, help="channel magnitudes, 4-D (x, y, z, channel) "
@@ -776,6 +782,9 @@ def build_parser():
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_combine)
 
+
+def _add_field_command(sub):
+    """``qsmkit field``."""
     p = sub.add_parser("field", help="total field from (multi-)echo magnitude and phase: ppm, Hz, "
                        "noise SD and PDF weights")
     p.add_argument("--magnitude", nargs="+", help="4-D file or one file per echo")
@@ -798,6 +807,9 @@ def build_parser():
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_field)
 
+
+def _add_mask_command(sub):
+    """``qsmkit mask``."""
     p = sub.add_parser("mask", help="brain mask from magnitude")
     p.add_argument("--magnitude", nargs="+", required=True)
     p.add_argument("--out", required=True)
@@ -808,6 +820,9 @@ def build_parser():
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_mask)
 
+
+def _add_unwrap_command(sub):
+    """``qsmkit unwrap``."""
     p = sub.add_parser("unwrap", help="spatial phase unwrapping (rad in, rad out)")
     p.add_argument("--phase", nargs="+", required=True)
     p.add_argument("--magnitude")
@@ -819,6 +834,9 @@ def build_parser():
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_unwrap)
 
+
+def _add_background_command(sub):
+    """``qsmkit background``."""
     p = sub.add_parser("background", help="background field removal: total field -> local field")
     p.add_argument("--field", required=True)
     p.add_argument("--mask", required=True)
@@ -835,6 +853,9 @@ def build_parser():
     _add_common(p)
     p.set_defaults(func=cmd_background)
 
+
+def _add_invert_command(sub):
+    """``qsmkit invert``."""
     p = sub.add_parser("invert", help="dipole inversion: local field -> chi (ppm)")
     p.add_argument("--field", required=True)
     p.add_argument("--mask", required=True)
@@ -852,6 +873,9 @@ def build_parser():
     _add_common(p)
     p.set_defaults(func=cmd_invert)
 
+
+def _add_batch_command(sub):
+    """``qsmkit batch``."""
     p = sub.add_parser("batch", help="a BIDS dataset: every subject on Dask workers, derivatives "
                                      "and a cohort table; exit 1 if some subjects failed")
     p.add_argument("bids_dir")
@@ -872,6 +896,9 @@ def build_parser():
     _add_common(p)
     p.set_defaults(func=cmd_batch)
 
+
+def _add_stats_command(sub):
+    """``qsmkit stats``."""
     p = sub.add_parser("stats", help="chi statistics per label, referenced")
     p.add_argument("--chi", required=True)
     p.add_argument("--labels", required=True)
@@ -892,6 +919,20 @@ def build_parser():
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG bar chart")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+
+#: the subcommands in the order ``qsmkit --help`` lists them; each adds its own parser
+COMMANDS = (_add_demo_command, _add_run_command, _add_simulate_command, _add_combine_command,
+            _add_field_command, _add_mask_command, _add_unwrap_command, _add_background_command,
+            _add_invert_command, _add_batch_command, _add_stats_command)
+
+
+def build_parser():
+    parser = OneLineParser(prog="qsmkit", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"qsmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
