@@ -18,7 +18,8 @@ FIELD_UNITS = ("ppm", "hz", "rad")
 def check_positive(name: str, value) -> None:
     v = np.atleast_1d(np.asarray(value, dtype=float))
     if v.size == 0 or not np.all(np.isfinite(v)) or np.any(v <= 0):
-        raise QSMInputError(f"{name} must be positive and finite, got {value}")
+        shown = ", ".join(f"{x:g}" for x in v)  # plain numbers, no numpy reprs
+        raise QSMInputError(f"{name} must be positive and finite, got {shown or 'nothing'}")
 
 
 def larmor_hz(b0_tesla: float) -> float:
