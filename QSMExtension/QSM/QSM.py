@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
@@ -157,8 +157,8 @@ class QSMParameterNode:
         chi is always produced).
     """
 
-    magnitude: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]
-    phase: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]
+    magnitude: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]]
+    phase: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]]
     brainMask: vtkMRMLScalarVolumeNode
     echoTimesMs: str = "20"
     fieldStrengthT: Annotated[float, WithinRange(0.1, 21.1)] = 3.0
