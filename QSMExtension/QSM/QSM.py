@@ -108,14 +108,15 @@ The method follows FOCUSS-QSM with a magnitude prior and projection onto dipole 
 
 
 def registerSegmentStatisticsPlugin():
-    """Add the chi statistics plugin to the Segment Statistics module."""
+    """Add the chi statistics plugin to the Segment Statistics module (never raises: a failure
+    here must not stop the application's start-up)."""
     try:
         from QSMLib.ChiStatisticsPlugin import ChiStatisticsPlugin
         from SegmentStatistics import SegmentStatisticsLogic
-    except ImportError as err:
+
+        SegmentStatisticsLogic.registerPlugin(ChiStatisticsPlugin())
+    except Exception as err:  # noqa: BLE001
         logging.warning(f"QSM: Segment Statistics plugin not registered ({err})")
-        return
-    SegmentStatisticsLogic.registerPlugin(ChiStatisticsPlugin())
 
 
 def registerSampleData():
