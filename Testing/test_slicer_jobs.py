@@ -92,6 +92,54 @@ def test_cancel_kills_the_process_and_its_children(tmp_path):
         pytest.fail("the child process survived cancel")
 
 
+def _gone(pid) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_cancel_ends_the_whole_tree_under_a_launcher(tmp_path):
+    """Slicer runs the command as PythonSlicer (a launcher) -> python-real -> its workers. Here
+    the launcher's child and grandchild each start a session of their own, so that, as on
+    Windows, no process group reaches them: only a process-tree kill does."""
+    pytest.importorskip("psutil", reason="psutil (shipped with Slicer) finds the process tree")
+    (tmp_path / "worker.py").write_text(textwrap.dedent("""
+        import subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                      start_new_session=True)
+        print("pids", grandchild.pid, flush=True)
+        time.sleep(30)
+    """))
+    argv = python_script(tmp_path, f"""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, {str(tmp_path / "worker.py")!r}],
+                                 start_new_session=True)
+        print("child", child.pid, flush=True)
+        sys.exit(child.wait())
+    """)
+    proc = QsmkitProcess(argv).start()
+    deadline = time.monotonic() + 20
+    while not any(line.startswith("pids") for line in proc.log):
+        assert proc.poll() and time.monotonic() < deadline, proc.log
+        time.sleep(0.02)
+    child = int(next(line for line in proc.log if line.startswith("child")).split()[1])
+    grandchild = int(next(line for line in proc.log if line.startswith("pids")).split()[1])
+    assert not _gone(child) and not _gone(grandchild)
+    t0 = time.monotonic()
+    proc.cancel(grace=2.0)
+    assert time.monotonic() - t0 < 10  # not after the 30 s the workers would sleep
+    assert proc.cancelled and proc.returncode is not None and proc.returncode != 0
+    for _ in range(40):
+        if _gone(child) and _gone(grandchild):
+            break
+        time.sleep(0.05)
+    assert _gone(child), "the launcher's child survived cancel"
+    assert _gone(grandchild), "the grandchild survived cancel"
+
+
 def test_wait_timeout_cancels(tmp_path):
     proc = QsmkitProcess(python_script(tmp_path, "import time; time.sleep(60)")).start()
     with pytest.raises(TimeoutError):
