@@ -66,7 +66,11 @@ def missing_requirements(requirements=None) -> list:
     for spec in read_requirements() if requirements is None else requirements:
         name = requirement_name(spec)
         module = IMPORT_NAMES.get(name, name.replace("-", "_"))
-        if importlib.util.find_spec(module) is None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or half-installed package
+            found = False
+        if not found:
             out.append(spec)
     return out
 
