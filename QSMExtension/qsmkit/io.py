@@ -32,34 +32,13 @@ import numpy as np
 from . import geometry
 from .backend import to_numpy
 from .errors import QSMInputError
+from .geometry import VoxelGrid  # re-exported: io.VoxelGrid
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: NIfTI xform code for "scanner anatomical" coordinates
 _XFORM_SCANNER = 1
 #: RAS <-> LPS: flip the first two world axes
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class VoxelGrid:
-    """Geometry read off ``data`` (voxel axes first) and ``affine`` (voxel to RAS+ mm), shared
-    by every array-with-affine container (files here, Slicer nodes in ``slicer_adapter``)."""
-
-    data: np.ndarray
-    affine: np.ndarray
-
-    @property
-    def shape3(self) -> tuple:
-        """Shape of the three spatial axes."""
-        return tuple(int(n) for n in self.data.shape[:3])
-
-    @property
-    def voxel_size(self) -> np.ndarray:
-        """Voxel size (mm) along each of the three voxel axes."""
-        return geometry.voxel_size(self.affine)
-
-    def b0_dir(self, b0_world=None) -> np.ndarray:
-        """B0 as a unit vector in voxel axes; ``b0_world`` (world coordinates) overrides z."""
-        return geometry.b0_direction(self.affine, b0_world)
 
 
 @dataclass
