@@ -566,7 +566,7 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None):
     if b0 is None and own and "MagneticFieldStrength" not in pha.meta and "b0" in pha.meta:
         b0 = pha.meta["b0"]
     if b0 is None:
-        from .scanner import b0_from_sidecar
+        from .vendor import b0_from_sidecar
 
         # the field the phase evolved in (ImagingFrequency / gamma) when the sidecar has it
         b0, _source = b0_from_sidecar(pha.meta, phase_paths[0])
@@ -576,12 +576,15 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None):
 
 def phase_in_rad(volume: Volume, path) -> np.ndarray:
     """The phase of ``volume`` in radians: the vendor's scaling when its sidecar names the
-    manufacturer (``qsmkit.scanner.phase_to_rad``: strict ranges), else the range-based
-    ``qsmkit.units.rescale_phase``."""
+    manufacturer (``qsmkit.vendor.phase_to_rad``: metadata first, then a tolerant range),
+    else the range-based ``qsmkit.units.rescale_phase``. The rule used is recorded in
+    ``volume.meta["phase_convention"]`` (for the run's sidecar)."""
     from . import units
 
     if volume.meta.get("Manufacturer"):
-        from .scanner import phase_to_rad
+        from .vendor import convert_phase
 
-        return phase_to_rad(volume.data, volume.meta, path)
+        rad, volume.meta["phase_convention"] = convert_phase(volume.data, volume.meta, path)
+        return rad
+    volume.meta["phase_convention"] = {"name": "range", "source": "units.rescale_phase (no sidecar)"}
     return units.rescale_phase(volume.data)
