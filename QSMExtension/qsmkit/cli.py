@@ -256,7 +256,7 @@ def cmd_run(args):
 
 def _phase_record(pha):
     """The sidecar's record of how the phase was scaled to radians."""
-    info = pha.meta.get("qsmkit_phase_scaling")
+    info = pha.meta.get("qsmkit_phase_scaling") or pha.meta.get("phase_convention")
     return {"phase_scaling": info} if info else {}
 
 

@@ -1048,7 +1048,7 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None, allow_nan=False):
     if b0 is None and own and "MagneticFieldStrength" not in pha.meta and "b0" in pha.meta:
         b0 = pha.meta["b0"]
     if b0 is None:
-        from .scanner import b0_from_sidecar
+        from .vendor import b0_from_sidecar
 
         # the field the phase evolved in (ImagingFrequency / gamma) when the sidecar has it
         b0, _source = b0_from_sidecar(pha.meta, phase_paths[0])
@@ -1076,20 +1076,26 @@ def fill_outside_mask(data, mask, path, what="image"):
 def phase_in_rad(volume: Volume, path, scale=None, info=None) -> np.ndarray:
     """The phase of ``volume`` in radians: ``scale`` (``--phase-scale``, the value standing
     for pi) when given, else the vendor's scaling when its sidecar names the manufacturer
-    (``qsmkit.scanner.phase_to_rad``: strict ranges), else ``qsmkit.units.rescale_phase``,
-    which refuses integer phase whose scale the data do not reveal. ``info`` (a dict)
-    receives the rule used, for the sidecar."""
+    (``qsmkit.vendor.convert_phase``: metadata first, then a tolerant range), else
+    ``qsmkit.units.rescale_phase``, which refuses integer phase whose scale the data do not
+    reveal. The rule used goes into ``info`` (a dict, for the sidecar) and into
+    ``volume.meta["phase_convention"]``."""
     from . import units
 
+    info = {} if info is None else info
     try:
         if scale is None and volume.meta.get("Manufacturer"):
-            from .scanner import phase_to_rad
+            from .vendor import convert_phase
 
-            if info is not None:
-                info.update(rule=f"vendor convention ({volume.meta['Manufacturer']}, from the "
-                                 "JSON sidecar)")
-            return phase_to_rad(volume.data, volume.meta, path)
-        return units.rescale_phase(volume.data, scale=scale, info=info)
+            rad, convention = convert_phase(volume.data, volume.meta, path)
+            info.update(rule=f"vendor convention ({volume.meta['Manufacturer']}, from the "
+                             "JSON sidecar)", convention=convention)
+            volume.meta["phase_convention"] = convention
+            return rad
+        rad = units.rescale_phase(volume.data, scale=scale, info=info)
+        volume.meta["phase_convention"] = {"name": "given scale" if scale is not None else "range",
+                                           "source": "units.rescale_phase", **info}
+        return rad
     except QSMInputError as err:
         if err.path is None and not str(err).startswith(str(path)):
             raise QSMInputError(str(err), path) from None
