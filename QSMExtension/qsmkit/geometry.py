@@ -135,3 +135,26 @@ def affine_for_b0(voxel=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), shape=None) -> 
         centre = (np.asarray(shape[:3], dtype=float) - 1) / 2
         a[:3, 3] = -a[:3, :3] @ centre
     return a
+
+
+class VoxelGrid:
+    """Geometry read off ``data`` (voxel axes first) and ``affine`` (voxel to RAS+ mm), shared
+    by every array-with-affine container (files in ``io``, Slicer nodes in ``slicer_adapter``).
+    Here, not in ``io``, so that the Slicer side imports it without nibabel."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def shape3(self) -> tuple:
+        """Shape of the three spatial axes."""
+        return tuple(int(n) for n in self.data.shape[:3])
+
+    @property
+    def voxel_size(self) -> np.ndarray:
+        """Voxel size (mm) along each of the three voxel axes."""
+        return voxel_size(self.affine)
+
+    def b0_dir(self, b0_world=None) -> np.ndarray:
+        """B0 as a unit vector in voxel axes; ``b0_world`` (world coordinates) overrides z."""
+        return b0_direction(self.affine, b0_world)

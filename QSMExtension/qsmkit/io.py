@@ -32,34 +32,13 @@ import numpy as np
 from . import geometry
 from .backend import to_numpy
 from .errors import QSMInputError
+from .geometry import VoxelGrid  # re-exported: io.VoxelGrid
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: NIfTI xform code for "scanner anatomical" coordinates
 _XFORM_SCANNER = 1
 #: RAS <-> LPS: flip the first two world axes
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class VoxelGrid:
-    """Geometry read off ``data`` (voxel axes first) and ``affine`` (voxel to RAS+ mm), shared
-    by every array-with-affine container (files here, Slicer nodes in ``slicer_adapter``)."""
-
-    data: np.ndarray
-    affine: np.ndarray
-
-    @property
-    def shape3(self) -> tuple:
-        """Shape of the three spatial axes."""
-        return tuple(int(n) for n in self.data.shape[:3])
-
-    @property
-    def voxel_size(self) -> np.ndarray:
-        """Voxel size (mm) along each of the three voxel axes."""
-        return geometry.voxel_size(self.affine)
-
-    def b0_dir(self, b0_world=None) -> np.ndarray:
-        """B0 as a unit vector in voxel axes; ``b0_world`` (world coordinates) overrides z."""
-        return geometry.b0_direction(self.affine, b0_world)
 
 
 @dataclass
@@ -1056,7 +1035,8 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None, allow_nan=False):
     te_name = "--te" if te is not None else "EchoTime in the JSON sidecar"
     te = te if te is not None else pha.meta.get("EchoTime", pha.meta.get("te") if own else None)
     if te is None:
-        raise QSMInputError(f"{phase_paths[0]}: missing echo time; give --te SECONDS (one per echo)")
+        raise QSMInputError(f"{phase_paths[0]}: no echo time: its JSON sidecar has no EchoTime (s); "
+                            "add it there, or give --te SECONDS (one per echo)")
     try:
         te = list(np.atleast_1d(np.asarray(te, dtype=float)))
     except (TypeError, ValueError):
@@ -1069,7 +1049,7 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None, allow_nan=False):
     if b0 is None and own and "MagneticFieldStrength" not in pha.meta and "b0" in pha.meta:
         b0 = pha.meta["b0"]
     if b0 is None:
-        from .scanner import b0_from_sidecar
+        from .vendor import b0_from_sidecar
 
         # the field the phase evolved in (ImagingFrequency / gamma) when the sidecar has it
         b0, _source = b0_from_sidecar(pha.meta, phase_paths[0])
@@ -1097,20 +1077,26 @@ def fill_outside_mask(data, mask, path, what="image"):
 def phase_in_rad(volume: Volume, path, scale=None, info=None) -> np.ndarray:
     """The phase of ``volume`` in radians: ``scale`` (``--phase-scale``, the value standing
     for pi) when given, else the vendor's scaling when its sidecar names the manufacturer
-    (``qsmkit.scanner.phase_to_rad``: strict ranges), else ``qsmkit.units.rescale_phase``,
-    which refuses integer phase whose scale the data do not reveal. ``info`` (a dict)
-    receives the rule used, for the sidecar."""
+    (``qsmkit.vendor.convert_phase``: metadata first, then a tolerant range), else
+    ``qsmkit.units.rescale_phase``, which refuses integer phase whose scale the data do not
+    reveal. The rule used goes into ``info`` (a dict, for the sidecar) and into
+    ``volume.meta["phase_convention"]``."""
     from . import units
 
+    info = {} if info is None else info
     try:
         if scale is None and volume.meta.get("Manufacturer"):
-            from .scanner import phase_to_rad
+            from .vendor import convert_phase
 
-            if info is not None:
-                info.update(rule=f"vendor convention ({volume.meta['Manufacturer']}, from the "
-                                 "JSON sidecar)")
-            return phase_to_rad(volume.data, volume.meta, path)
-        return units.rescale_phase(volume.data, scale=scale, info=info)
+            rad, convention = convert_phase(volume.data, volume.meta, path)
+            info.update(rule=f"vendor convention ({volume.meta['Manufacturer']}, from the "
+                             "JSON sidecar)", convention=convention)
+            volume.meta["phase_convention"] = convention
+            return rad
+        rad = units.rescale_phase(volume.data, scale=scale, info=info)
+        volume.meta["phase_convention"] = {"name": "given scale" if scale is not None else "range",
+                                           "source": "units.rescale_phase", **info}
+        return rad
     except QSMInputError as err:
         if err.path is None and not str(err).startswith(str(path)):
             raise QSMInputError(str(err), path) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +19,89 @@ class Method:
     #: optional ``check()`` that raises :class:`QSMInputError` (saying how to fix it) when the
     #: method cannot run here, e.g. an external tool that is not installed
     check: Callable | None = None
+
+    def parameters(self) -> list[Parameter]:
+        """The parameters a user may set (``--param KEY=VALUE``), read from the function itself:
+        names and defaults from its signature (the data the stage passes in left out), meanings
+        from its numpy-style docstring; ``**params`` when it takes more than it names."""
+        return method_parameters(self.func)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    default: object
+    meaning: str
+
+
+#: what a stage passes to every method itself (not user parameters)
+DATA_ARGUMENTS = frozenset({
+    "field", "mask", "voxel_size", "b0_dir", "magnitude", "weights", "noise_weights", "phase",
+    "channels", "body", "body_phase", "te", "return_sensitivities", "return_info", "phase2",
+    "noise_sd_ppm"})
+
+
+def method_parameters(func) -> list[Parameter]:
+    """See :meth:`Method.parameters`."""
+    doc = inspect.getdoc(func) or ""
+    described = _docstring_parameters(doc)
+    out = []
+    for p in inspect.signature(func).parameters.values():
+        if p.kind is p.VAR_POSITIONAL or (p.kind is p.VAR_KEYWORD and p.name.startswith("_")):
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            out.append(Parameter(f"**{p.name}", None, described.get(f"**{p.name}", "")))
+            continue
+        if p.name in DATA_ARGUMENTS or p.default is p.empty:
+            continue
+        out.append(Parameter(p.name, p.default, described.get(p.name) or _mentioned(doc, p.name)))
+    return out
+
+
+_ENTRY = re.compile(r"^(?P<names>\**\w+(?:\s*,\s*\**\w+)*)\s*:\s*(?P<text>.*)$")
+
+
+def _docstring_parameters(doc: str) -> dict[str, str]:
+    """name -> meaning from the ``Parameters`` section of a numpy-style docstring."""
+    lines = doc.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines[:-1])
+                     if line.strip() == "Parameters" and set(lines[i + 1].strip()) == {"-"})
+    except StopIteration:
+        return {}
+    out, current = {}, None
+    for line in lines[start + 2:]:
+        if not line.strip():
+            current = None
+            continue
+        if not line.startswith(" "):
+            m = _ENTRY.match(line.strip())
+            if m is None:  # the next section ("Returns") or prose
+                if line.strip().startswith("---"):
+                    break
+                current = None
+                continue
+            current = [n.strip() for n in m.group("names").split(",")]
+            for n in current:
+                out[n] = m.group("text").strip()
+        elif current:
+            for n in current:
+                out[n] = (out[n] + " " + line.strip()).strip()
+    return out
+
+
+def _mentioned(doc: str, name: str) -> str:
+    """Where the docstring names ````name```` outside its own entry: a sentence of the prose
+    before the sections, else another parameter's entry (prose-documented methods)."""
+    prose = re.split(r"\n\s*(?:Parameters|Returns)\s*\n\s*-{3,}", doc)[0]
+    flat = " ".join(prose.split())
+    for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z`(])", flat):
+        if f"``{name}``" in sentence:
+            return sentence
+    for other, text in _docstring_parameters(doc).items():
+        if f"``{name}``" in text:
+            return f"{other}: {text}"
+    return ""
 
 
 #: keywords the pipeline passes itself (images, geometry, callbacks): never a --*-param

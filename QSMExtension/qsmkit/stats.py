@@ -306,7 +306,8 @@ def _empty_stats():
     return out
 
 
-def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_mm=0.0):
+def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_mm=0.0,
+              empty_labels=()):
     """One row (dict, keys ``COLUMNS``) per region.
 
     Parameters
@@ -321,6 +322,8 @@ def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_m
     erode_mm : erode every region, the reference included, by a ball of this radius first
         (fewer partial-volume voxels at region borders); a region eroded away is reported with
         0 voxels and NaN statistics.
+    empty_labels : labels of a label map to list with 0 voxels and NaN statistics although
+        absent from ``labels`` (regions that lie wholly outside the chi map's mask).
     """
     chi = np.asarray(chi, dtype=np.float64)
     voxel_volume = float(np.prod(voxel_size))
@@ -332,7 +335,7 @@ def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_m
         if labels.shape[:3] != chi.shape[:3]:
             raise QSMInputError(f"labels shape {labels.shape} does not match chi shape {chi.shape}")
         labels = label_map(labels)
-        present = [int(v) for v in np.unique(labels) if v != 0]
+        present = sorted({int(v) for v in np.unique(labels) if v != 0} | set(map(int, empty_labels)))
         if not present:
             raise QSMInputError("the label map has no non-zero labels")
         given = dict(label_names or {})

@@ -21,7 +21,8 @@ def check_positive(name: str, value) -> None:
     except (TypeError, ValueError):
         raise QSMInputError(f"{name} must be a number, got {value!r}") from None
     if v.size == 0 or not np.all(np.isfinite(v)) or np.any(v <= 0):
-        raise QSMInputError(f"{name} must be positive and finite, got {value}")
+        shown = ", ".join(f"{x:g}" for x in v)  # plain numbers, no numpy reprs
+        raise QSMInputError(f"{name} must be positive and finite, got {shown or 'nothing'}")
 
 
 #: physical ranges (README "Input limits"): values outside ``*_REFUSE`` are refused, values
