@@ -538,6 +538,24 @@ def test_run_and_field_accept_nan_outside_the_mask(sim, nan_outside, tmp_path, c
         _one_error_line(capsys)
 
 
+def test_every_command_with_a_mask_accepts_nan_outside_it(sim, nan_outside, tmp_path):
+    """The README's rule holds beyond run and field: unwrap, background (--weights) and invert
+    (--magnitude) accept NaN outside their --mask too."""
+    d, mask = nan_outside
+    k = ["--mask", str(sim / "mask_true.nii.gz"), "--quiet"]
+    assert main(["unwrap", "--phase", str(d / "phase.nii.gz"), "--magnitude",
+                 str(d / "magnitude.nii.gz"), "--method", "laplacian", "--out",
+                 str(tmp_path / "u.nii.gz"), *k]) == 0
+    assert np.all(np.isfinite(nib.load(str(tmp_path / "u.nii.gz")).get_fdata()))
+    assert main(["background", "--field", str(sim / "field_total_true.nii.gz"), "--weights",
+                 str(d / "magnitude.nii.gz"), "--method", "vsharp", "--out",
+                 str(tmp_path / "l.nii.gz"), *k]) == 0
+    assert main(["invert", "--field", str(sim / "field_local_true.nii.gz"), "--magnitude",
+                 str(d / "magnitude.nii.gz"), "--method", "tkd", "--out",
+                 str(tmp_path / "c.nii.gz"), *k]) == 0
+    assert np.all(np.isfinite(nib.load(str(tmp_path / "c.nii.gz")).get_fdata()))
+
+
 # ------------------------------------------------------------------ 10. shear
 
 def test_sheared_affines_are_refused_oblique_ones_accepted(tmp_path, capsys):

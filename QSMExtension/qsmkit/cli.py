@@ -100,9 +100,10 @@ def field_in_mask(field, mask, path):
     return io.fill_outside_mask(field, mask, path, "field").astype(np.float32)
 
 
-def load_weights(args, like: io.Volume):
+def load_weights(args, like: io.Volume, mask=None):
     """Noise weights for background removal: ``--weights`` (e.g. a magnitude image, larger =
-    more reliable) or ``--noise`` (field noise SD, weight = 1/SD). None when neither is given."""
+    more reliable) or ``--noise`` (field noise SD, weight = 1/SD). None when neither is given.
+    NaN/Inf inside ``mask`` are an error, outside it they are ignored."""
     if args.weights and args.noise:
         raise QSMInputError("give --weights or --noise, not both")
     path = args.weights or args.noise
@@ -111,6 +112,7 @@ def load_weights(args, like: io.Volume):
     vol = io.load_volume(path, what="weights" if args.weights else "noise map",
                          allow_complex=False)
     io.check_same_grid(like, vol, "field", "weights" if args.weights else "noise map")
+    vol.data = io.finite_in_mask(vol.data, mask, path, "weights" if args.weights else "noise map")
     data = combine_magnitude(vol.data) if vol.data.ndim == 4 else np.asarray(vol.data, np.float32)
     if data.ndim != 3:
         raise QSMInputError(f"must be 3-D, got shape {data.shape}", path)
@@ -122,11 +124,12 @@ def load_weights(args, like: io.Volume):
     return data
 
 
-def load_magnitude_like(path, like: io.Volume):
-    """A magnitude image (3-D, or echoes combined) on the grid of ``like``, finite."""
+def load_magnitude_like(path, like: io.Volume, mask=None):
+    """A magnitude image (3-D, or echoes combined) on the grid of ``like``, finite (inside
+    ``mask`` when given; NaN/Inf outside it become 0)."""
     mvol = io.load_echoes([path], what="magnitude", allow_complex=False)
     io.check_same_grid(like, mvol, "field", "magnitude")
-    io.require_finite(mvol.data, path, "magnitude")
+    mvol.data = io.finite_in_mask(mvol.data, mask, path, "magnitude")
     return combine_magnitude(mvol.data)
 
 
@@ -316,13 +319,13 @@ def warn_if_not_magnitude(data, path):
 def cmd_unwrap(args):
     t_start = time.perf_counter()
     pha = io.load_echoes(args.phase, what="phase", allow_complex=False)
-    io.require_finite(pha.data, args.phase[0], "phase")
     inputs = [*args.phase, args.magnitude, args.mask]
     mask = load_mask(args.mask, pha) if args.mask else None
+    pha.data = io.finite_in_mask(pha.data, mask, args.phase[0], "phase")
     if args.magnitude:
         mag = io.load_echoes([args.magnitude], what="magnitude", allow_complex=False)
         io.check_same_grid(pha, mag, "phase", "magnitude")
-        io.require_finite(mag.data, args.magnitude, "magnitude")
+        mag.data = io.finite_in_mask(mag.data, mask, args.magnitude, "magnitude")
     check_outputs([args.out], inputs)
     method = UNWRAPPING.resolve(args.method)
     params = UNWRAPPING.validate_params(method, parse_params(args.param))
@@ -375,8 +378,9 @@ def cmd_combine(args):
     if mag.data.ndim not in (4, 5):
         raise QSMInputError(f"channel images must be 4-D (x, y, z, channel) or 5-D (x, y, z, echo, "
                             f"channel), got shape {mag.data.shape}", args.magnitude)
-    io.require_finite(mag.data, args.magnitude, "channel magnitude")
-    io.require_finite(pha.data, args.phase, "channel phase")
+    mask = load_mask(args.mask, mag) if args.mask else None
+    mag.data = io.finite_in_mask(mag.data, mask, args.magnitude, "channel magnitude")
+    pha.data = io.finite_in_mask(pha.data, mask, args.phase or args.magnitude, "channel phase")
     body = body_phase = None
     if bool(args.body_magnitude) != bool(args.body_phase):
         raise QSMInputError("give both --body-magnitude and --body-phase, or neither")
@@ -386,10 +390,9 @@ def cmd_combine(args):
         for vol, path, what in ((bmag, args.body_magnitude, "body-coil magnitude"),
                                 (bpha, args.body_phase, "body-coil phase")):
             io.check_same_grid(mag, vol, "channel magnitude", what)
-            io.require_finite(vol.data, path, what)
+            vol.data = io.finite_in_mask(vol.data, mask, path, what)
         body = bmag.data.astype(np.float32)
         body_phase = io.phase_in_rad(bpha, args.body_phase, getattr(args, "phase_scale", None))
-    mask = load_mask(args.mask, mag) if args.mask else None
     n_echoes = mag.data.shape[3] if mag.data.ndim == 5 else 1
     # dcm2niix's EchoTime, or the "te" of a sidecar qsmkit wrote (simulate)
     own = pha.meta.get("software") == "qsmkit"
@@ -497,7 +500,7 @@ def cmd_background(args):
     vol, field = load_field(args.field, args.field_units, args.b0, args.te, allow_nan=True)
     mask = load_mask(args.mask, vol)
     field = field_in_mask(field, mask, args.field)
-    weights = load_weights(args, vol)
+    weights = load_weights(args, vol, mask)
     out_mask = args.out_mask or io.image_stem(args.out) + "_mask.nii.gz"
     check_outputs([args.out, out_mask], [args.field, args.mask, args.weights, args.noise,
                                          args.magnitude])
@@ -512,7 +515,7 @@ def cmd_background(args):
             raise QSMInputError(f"{args.magnitude}: --magnitude is used by tfi only; {method} "
                                 "takes noise weights (--weights)")
         params["magnitude"] = backend.to_device(
-            load_magnitude_like(args.magnitude, vol), device, backend.FLOAT)
+            load_magnitude_like(args.magnitude, vol, mask), device, backend.FLOAT)
     local, new_mask, info = func(
         backend.to_device(field, device, backend.FLOAT), backend.to_device(mask, device),
         vol.voxel_size, b0_dir,
@@ -537,7 +540,7 @@ def cmd_invert(args):
     vol, field = load_field(args.field, args.field_units, args.b0, args.te, allow_nan=True)
     mask = load_mask(args.mask, vol)
     field = field_in_mask(field, mask, args.field)
-    mag = load_magnitude_like(args.magnitude, vol) if args.magnitude else None
+    mag = load_magnitude_like(args.magnitude, vol, mask) if args.magnitude else None
     region = None
     if args.reference and args.reference != "mask":
         from .stats import label_map

@@ -1074,6 +1074,15 @@ def fill_outside_mask(data, mask, path, what="image"):
     return np.where(bad, a.dtype.type(0), a)
 
 
+def finite_in_mask(data, mask, path, what="image"):
+    """``require_finite`` without a mask; with one, ``fill_outside_mask`` (NaN/Inf outside it
+    become 0, inside they are an error): what every command does with its --mask."""
+    if mask is None:
+        require_finite(data, path, what)
+        return data
+    return fill_outside_mask(data, mask, path, what)
+
+
 def phase_in_rad(volume: Volume, path, scale=None, info=None) -> np.ndarray:
     """The phase of ``volume`` in radians: ``scale`` (``--phase-scale``, the value standing
     for pi) when given, else the vendor's scaling when its sidecar names the manufacturer
