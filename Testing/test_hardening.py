@@ -119,7 +119,7 @@ def test_batch_summary_written_when_interrupted(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(batch, "make_client", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), pytest.warns(QSMWarning, match="echo-x"):
         batch.run_batch(root, tmp_path / "out", config={}, progress=False)
     summary = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
     assert summary["interrupted"].startswith("KeyboardInterrupt")
