@@ -242,7 +242,8 @@ def make_client(workers=None, memory_limit="auto", scheduler=None, device="cpu")
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
-        raise QSMInputError("qsmkit batch needs Dask: pip install 'qsmkit[batch]'") from None
+        raise QSMInputError("qsmkit batch needs Dask: pip install 'dask[distributed]' (or "
+                            "pip install -e '.[batch]' in the qsmkit checkout)") from None
     if scheduler:
         return Client(scheduler)
     if device == "gpu":

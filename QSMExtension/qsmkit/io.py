@@ -558,7 +558,7 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None):
     own = pha.meta.get("software") == "qsmkit"
     te = te if te is not None else pha.meta.get("EchoTime", pha.meta.get("te") if own else None)
     if te is None:
-        raise QSMInputError(f"{phase_paths[0]}: no echo time: its JSON sidecar has no EchoTime (s); "
+        raise QSMInputError(f"{phase_paths[0]}: missing echo time: its JSON sidecar has no EchoTime (s); "
                             "add it there, or give --te SECONDS (one per echo)")
     te = list(np.atleast_1d(te).astype(float))
     if len(te) != n_echoes:
