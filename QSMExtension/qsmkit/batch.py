@@ -151,7 +151,7 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
     """Run the pipeline on one subject and write its derivatives. Never raises: the outcome
     (``status`` ok/failed, ``error`` one line, ``seconds``) is returned, so one broken subject
     does not stop a cohort."""
-    from . import io, stats
+    from . import io, report, stats
     from .echoes import combine_magnitude
     from .pipeline import PipelineConfig, run_pipeline, sidecar
     t0 = time.perf_counter()
@@ -169,7 +169,8 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
         paths = output_paths(out_root, subject)
         meta = sidecar(cfg, res.stages, inputs={"magnitude": subject.magnitude,
                                                 "phase": subject.phase, "te": te, "b0": b0},
-                       extra={"units": {"chi": "ppm", "field": "ppm"}, "subject": subject.key})
+                       extra={"units": {"chi": "ppm", "field": "ppm"}, "subject": subject.key,
+                              **report.pipeline_record(res.stages)})
         # a subject counts as done when every file exists (``is_complete``); the QC image is last
         for name in ("mask", "field_total", "field_local", "chi"):
             data = getattr(res, name)

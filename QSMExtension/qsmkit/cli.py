@@ -753,16 +753,18 @@ def cmd_methods(args):
     for stage in stages:
         registry, how = _method_stages()[stage]
         if registry is None:
-            blocks.append(f"== field ({how})\n" + describe_method("field"))
+            if not args.method:
+                blocks.append(f"== field ({how})\n" + describe_method("field"))
             continue
         auto = _auto_rule(registry)
         if stage == "combination":
             auto = "bodycoil with a body coil, else mcpc3ds for 2+ echoes, else adaptive"
         names = [args.method] if args.method else registry.names()
-        unknown = [n for n in names if n not in registry.names()]
-        if unknown:
-            raise QSMInputError(f"no {stage} method {unknown[0]}; choose one of "
-                                f"{', '.join(registry.names())}")
+        if args.method and args.method not in registry.names():
+            if args.stage:
+                raise QSMInputError(f"no {stage} method {args.method}; choose one of "
+                                    f"{', '.join(registry.names())}")
+            continue
         out = [f"== {stage} ({how}; auto = {auto})"]
         for n in names:
             method = registry._methods[n]
@@ -771,7 +773,14 @@ def cmd_methods(args):
                 continue
             out.append(describe_method(stage, n))
         blocks.append("\n".join(out))
+    if not blocks:
+        raise QSMInputError(f"no stage has a method {args.method}")
     print("\n\n".join(blocks))
+
+
+#: the commands with a --list-params option
+LIST_PARAMS_COMMANDS = ("demo", "run", "field", "mask", "unwrap", "background", "invert", "batch",
+                        "combine")
 
 
 def list_params(argv) -> int:
@@ -1243,7 +1252,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if "--list-params" in argv and "--help" not in argv and "-h" not in argv:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if ("--list-params" in argv and "--help" not in argv and "-h" not in argv
+            and command in LIST_PARAMS_COMMANDS):
         try:
             return list_params(argv)
         except QSMInputError as err:
@@ -1266,6 +1277,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qsmkit: interrupted; no partial output was left", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stdout = open(os.devnull, "w")
+        return 0
     return 0
 
 
