@@ -265,7 +265,7 @@ def run_batch(bids_root, out_root=None, participants=None, sessions=None, config
               progress=True):
     """Process every subject of a BIDS dataset; returns a summary dict (``done``, ``skipped``,
     ``failed`` lists of subject keys, ``errors`` key -> reason, the group table path)."""
-    from tqdm import tqdm
+    from .progress import Progress
 
     out_root = Path(out_root or Path(bids_root) / "derivatives" / "qsmkit")
     subjects = find_subjects(bids_root, participants, sessions)
@@ -286,13 +286,12 @@ def run_batch(bids_root, out_root=None, participants=None, sessions=None, config
             futures = [client.submit(process_subject, s, str(out_root), config, reference,
                                      key=f"qsmkit-{s.key}-{time.time_ns()}", pure=False)
                        for s in todo]
-            with tqdm(total=len(futures), desc="qsmkit batch", unit="subject",
-                      disable=not progress) as bar:
+            # a bar on a terminal, plain lines in a log (qsmkit.progress)
+            with Progress(len(futures), not progress, "qsmkit batch", "subject") as bar:
                 for fut in as_completed(futures):
                     r = fut.result()
                     results.append(r)
-                    bar.set_postfix_str(f"{r['subject']} {r['status']}")
-                    bar.update()
+                    bar(f"{r['subject']} {r['status']}", len(results))
         finally:
             cluster = getattr(client, "cluster", None)
             client.close()

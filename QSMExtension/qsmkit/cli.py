@@ -1242,7 +1242,10 @@ COMMANDS = (_add_demo_command, _add_run_command, _add_simulate_command, _add_com
 
 
 def build_parser():
-    parser = OneLineParser(prog="qsmkit", description=__doc__.split("\n")[0])
+    parser = OneLineParser(
+        prog="qsmkit", description="Quantitative susceptibility mapping (QSM): the whole pipeline, "
+        "one command per stage, simulation, a demo and ROI statistics. 'qsmkit COMMAND --help' "
+        "describes each command; 'qsmkit methods' lists every method's parameters.")
     parser.add_argument("--version", action="version", version=f"qsmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in COMMANDS:
