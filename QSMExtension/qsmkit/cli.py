@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -19,11 +22,12 @@ from . import __version__, backend, geometry, io, report, units
 from . import fsl as _fsl  # registers FSL's bet and prelude as masking and unwrapping methods
 from .background import BACKGROUND
 from .echoes import combine_magnitude
-from .errors import QSMInputError
+from .errors import QSMInputError, QSMWarning
 from .inversion import INVERSION
 from .masking import MASKING
 from .pipeline import STAGES, PipelineConfig, accepts, peak_memory_mb, run_pipeline, sidecar
 from .progress import Progress, iterate
+from .registry import validate_params
 from .simulation_files import write_simulation
 from .unwrapping import UNWRAPPING
 
@@ -63,11 +67,9 @@ def _parse_value(text):
 
 
 def check_outputs(outputs, inputs):
-    """Refuse to write over an input file."""
-    ins = {os.path.realpath(p) for p in inputs if p}
-    for out in outputs:
-        if os.path.realpath(out) in ins:
-            raise QSMInputError(f"{out}: output would overwrite an input file")
+    """Refuse to write over an input file or its JSON sidecar, counting every image output's
+    sidecar (``io.check_outputs``)."""
+    io.check_outputs(outputs, inputs)
 
 
 def b0_dir_for(volume, b0_world):
@@ -77,11 +79,15 @@ def b0_dir_for(volume, b0_world):
 def load_field(path, units_name, b0, te, allow_nan=False):
     """A 3-D field in ppm. With ``allow_nan`` NaN/Inf are kept, for ``field_in_mask`` to judge
     once the mask is known (vendor field maps are often NaN outside the head)."""
-    vol = io.load_volume(path, what="field")
+    vol = io.load_volume(path, what="field", allow_complex=False)
     if not allow_nan:
         io.require_finite(vol.data, path, "field")
     if vol.data.ndim != 3:
         raise QSMInputError(f"{path}: field must be 3-D, got shape {vol.data.shape}")
+    if b0 is not None:
+        b0 = units.check_b0(b0)
+    if te:
+        te = units.check_te(te)
     try:
         data = units.to_ppm(vol.data.astype(np.float32), units_name, b0, te[0] if te else None)
     except QSMInputError as err:
@@ -91,11 +97,7 @@ def load_field(path, units_name, b0, te, allow_nan=False):
 
 def field_in_mask(field, mask, path):
     """NaN/Inf inside the mask are an error; outside it they are ignored (set to 0)."""
-    bad = ~np.isfinite(field)
-    n_in = int(np.count_nonzero(bad & mask))
-    if n_in:
-        raise QSMInputError(f"field has {n_in} NaN/Inf voxels inside the mask", path)
-    return np.where(bad, np.float32(0), field).astype(np.float32)
+    return io.fill_outside_mask(field, mask, path, "field").astype(np.float32)
 
 
 def load_weights(args, like: io.Volume):
@@ -106,7 +108,8 @@ def load_weights(args, like: io.Volume):
     path = args.weights or args.noise
     if not path:
         return None
-    vol = io.load_volume(path, what="weights" if args.weights else "noise map")
+    vol = io.load_volume(path, what="weights" if args.weights else "noise map",
+                         allow_complex=False)
     io.check_same_grid(like, vol, "field", "weights" if args.weights else "noise map")
     data = combine_magnitude(vol.data) if vol.data.ndim == 4 else np.asarray(vol.data, np.float32)
     if data.ndim != 3:
@@ -121,14 +124,14 @@ def load_weights(args, like: io.Volume):
 
 def load_magnitude_like(path, like: io.Volume):
     """A magnitude image (3-D, or echoes combined) on the grid of ``like``, finite."""
-    mvol = io.load_echoes([path], what="magnitude")
+    mvol = io.load_echoes([path], what="magnitude", allow_complex=False)
     io.check_same_grid(like, mvol, "field", "magnitude")
     io.require_finite(mvol.data, path, "magnitude")
     return combine_magnitude(mvol.data)
 
 
 def load_mask(path, like: io.Volume, what="mask"):
-    vol = io.load_volume(path, what=what)
+    vol = io.load_volume(path, what=what, allow_complex=False)
     io.check_same_grid(like, vol, "image", what)
     if vol.data.ndim != 3:
         raise QSMInputError(f"{path}: {what} must be 3-D, got shape {vol.data.shape}")
@@ -143,8 +146,8 @@ def load_mask(path, like: io.Volume, what="mask"):
 def cmd_simulate(args):
     from .simulate import make_phantom, simulate_acquisition
 
-    units.check_positive("--b0", args.b0)
-    units.check_positive("--te", args.te)
+    units.check_b0(args.b0)
+    units.check_te(args.te)
     b0_dir = np.asarray(args.b0_dir if args.b0_dir else (0.0, 0.0, 1.0), dtype=float)
     t0 = time.perf_counter()
     ph = make_phantom(shape=tuple(args.shape), voxel_size=tuple(args.voxel_size),
@@ -160,7 +163,10 @@ def cmd_simulate(args):
 
 def _read_inputs(args):
     """Magnitude and phase (one 4-D file or one file per echo, or a DICOM folder), checked,
-    with TE and B0 (given, else from the JSON sidecars or DICOM headers); phase in rad."""
+    with TE and B0 (given, else from the JSON sidecars or DICOM headers, each in its physical
+    range); phase in rad, its scaling rule in ``pha.meta["qsmkit_phase_scaling"]``. With
+    ``--mask``, NaN/Inf outside the mask become 0 (inside they are an error)."""
+    mask_path = getattr(args, "mask", None)
     if getattr(args, "dicom", None):
         from . import scanner
 
@@ -172,11 +178,21 @@ def _read_inputs(args):
         if len(te) != (1 if pha.data.ndim == 3 else pha.data.shape[3]):
             raise QSMInputError(f"{len(te)} echo time(s) for {pha.data.shape[3:] or (1,)} echo(es)",
                                 args.dicom[0])
-        return mag, pha, te, float(args.b0 if args.b0 else b0)
+        te = units.check_te(te, "--te" if args.te else "echo time", args.dicom[0])
+        b0 = units.check_b0(args.b0 if args.b0 else b0, "--b0" if args.b0 else "field strength",
+                            args.dicom[0])
+        return mag, pha, te, b0
     if not (args.magnitude and args.phase):
         raise QSMInputError("give --magnitude and --phase (files), or --dicom FOLDER")
-    mag, pha, te, b0 = io.load_gre(args.magnitude, args.phase, args.te, args.b0)
-    pha.data = io.phase_in_rad(pha, args.phase[0])
+    mag, pha, te, b0 = io.load_gre(args.magnitude, args.phase, args.te, args.b0,
+                                   allow_nan=bool(mask_path))
+    if mask_path:
+        mask = load_mask(mask_path, pha)
+        mag.data = io.fill_outside_mask(mag.data, mask, args.magnitude[0], "magnitude")
+        pha.data = io.fill_outside_mask(pha.data, mask, args.phase[0], "phase")
+    info = {}
+    pha.data = io.phase_in_rad(pha, args.phase[0], getattr(args, "phase_scale", None), info)
+    pha.meta["qsmkit_phase_scaling"] = info
     return mag, pha, te, b0
 
 
@@ -224,16 +240,24 @@ def cmd_run(args):
         progress.close()
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
                                             "dicom": args.dicom, "mask": args.mask, "te": te,
-                                            "b0": b0, "b0_dir_voxel": list(map(float, b0_dir))},
+                                            "b0": b0, "b0_dir_voxel": list(map(float, b0_dir)),
+                                            **_phase_record(pha)},
                    extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg),
                           **report.pipeline_record(res.stages)})
-    for n, path in outs.items():
-        data = getattr(res, n)
-        io.save_volume(path, data, pha.affine, sidecar=meta,
-                       dtype=np.uint8 if data.dtype == bool else np.float32)
+    with io.OutputSet() as outset:  # all five (and sidecars) move into place together
+        for n, path in outs.items():
+            data = getattr(res, n)
+            io.save_volume(outset.path(path), data, pha.affine, sidecar=meta,
+                           dtype=np.uint8 if data.dtype == bool else np.float32)
     if not args.quiet:
         print_stage_times(res.stages)
     report.summary("run", meta["method"], time.perf_counter() - t_start, outs.values(), args.quiet)
+
+
+def _phase_record(pha):
+    """The sidecar's record of how the phase was scaled to radians."""
+    info = pha.meta.get("qsmkit_phase_scaling") or pha.meta.get("phase_convention")
+    return {"phase_scaling": info} if info else {}
 
 
 def print_stage_times(stages):
@@ -244,12 +268,12 @@ def print_stage_times(stages):
 
 def cmd_mask(args):
     t_start = time.perf_counter()
-    vol = io.load_echoes(args.magnitude, what="magnitude")
+    vol = io.load_echoes(args.magnitude, what="magnitude", allow_complex=False)
     io.require_finite(vol.data, args.magnitude[0], "magnitude")
     warn_if_not_magnitude(vol.data, args.magnitude[0])
     check_outputs([args.out], args.magnitude)
     method = MASKING.resolve(args.method)
-    params = parse_params(args.param)
+    params = MASKING.validate_params(method, parse_params(args.param))
     if args.erode:
         params["erode"] = args.erode
     t0 = time.perf_counter()
@@ -257,7 +281,8 @@ def cmd_mask(args):
     fsl = {"fsl": _fsl.provenance()} if method == "bet" else {}
     meta = report.record("mask", method, params, time.perf_counter() - t0,
                          inputs={"magnitude": args.magnitude}, extra=fsl)
-    io.save_volume(args.out, mask, vol.affine, dtype=np.uint8, sidecar=meta)
+    with io.OutputSet() as outset:
+        io.save_volume(outset.path(args.out), mask, vol.affine, dtype=np.uint8, sidecar=meta)
     report.summary("mask", method, time.perf_counter() - t_start, [args.out], args.quiet)
 
 
@@ -282,17 +307,19 @@ def warn_if_not_magnitude(data, path):
 
 def cmd_unwrap(args):
     t_start = time.perf_counter()
-    pha = io.load_echoes(args.phase, what="phase")
+    pha = io.load_echoes(args.phase, what="phase", allow_complex=False)
     io.require_finite(pha.data, args.phase[0], "phase")
     inputs = [*args.phase, args.magnitude, args.mask]
     mask = load_mask(args.mask, pha) if args.mask else None
     if args.magnitude:
-        mag = io.load_echoes([args.magnitude], what="magnitude")
+        mag = io.load_echoes([args.magnitude], what="magnitude", allow_complex=False)
         io.check_same_grid(pha, mag, "phase", "magnitude")
+        io.require_finite(mag.data, args.magnitude, "magnitude")
     check_outputs([args.out], inputs)
     method = UNWRAPPING.resolve(args.method)
-    params = parse_params(args.param)
-    phase = io.phase_in_rad(pha, args.phase[0])
+    params = UNWRAPPING.validate_params(method, parse_params(args.param))
+    scaling = {}
+    phase = io.phase_in_rad(pha, args.phase[0], getattr(args, "phase_scale", None), scaling)
     echoes = phase[..., None] if phase.ndim == 3 else phase
     magnitude = None
     if args.magnitude:
@@ -310,8 +337,10 @@ def cmd_unwrap(args):
     fsl = {"fsl": _fsl.provenance()} if method == "prelude" else {}
     meta = report.record("unwrap", method, params, time.perf_counter() - t0,
                          inputs={"phase": args.phase, "magnitude": args.magnitude,
-                                 "mask": args.mask}, extra={"units": "rad", **fsl})
-    io.save_volume(args.out, out, pha.affine, sidecar=meta)
+                                 "mask": args.mask},
+                         extra={"units": "rad", "phase_scaling": scaling, **fsl})
+    with io.OutputSet() as outset:
+        io.save_volume(outset.path(args.out), out, pha.affine, sidecar=meta)
     report.summary("unwrap", method, time.perf_counter() - t_start, [args.out], args.quiet)
 
 
@@ -350,15 +379,18 @@ def cmd_combine(args):
                                 (bpha, args.body_phase, "body-coil phase")):
             io.check_same_grid(mag, vol, "channel magnitude", what)
             io.require_finite(vol.data, path, what)
-        body, body_phase = bmag.data.astype(np.float32), io.phase_in_rad(bpha, args.body_phase)
+        body = bmag.data.astype(np.float32)
+        body_phase = io.phase_in_rad(bpha, args.body_phase, getattr(args, "phase_scale", None))
     mask = load_mask(args.mask, mag) if args.mask else None
     n_echoes = mag.data.shape[3] if mag.data.ndim == 5 else 1
     # dcm2niix's EchoTime, or the "te" of a sidecar qsmkit wrote (simulate)
     own = pha.meta.get("software") == "qsmkit"
     te = list(args.te) if args.te else pha.meta.get("EchoTime", pha.meta.get("te") if own else None)
-    te = None if te is None else list(np.atleast_1d(te).astype(float))
+    te = None if te is None else units.check_te(te, "--te" if args.te else "EchoTime", args.phase)
     method = coils.resolve_method(args.method, body is not None, n_echoes)
-    params = parse_params(args.param)
+    params = coils.COMBINATION.validate_params(method, parse_params(args.param))
+    scaling = {}
+    phase_rad = io.phase_in_rad(pha, args.phase, getattr(args, "phase_scale", None), scaling)
     outs = [args.out_magnitude, args.out_phase]
     if args.out_sensitivities:
         outs += [args.out_sensitivities, io.image_stem(args.out_sensitivities) + "_phase.nii.gz"]
@@ -368,7 +400,7 @@ def cmd_combine(args):
     try:
         # C order: the methods walk slabs of whole rows with all channels contiguous
         res = coils.combine(np.ascontiguousarray(mag.data, dtype=np.float32),
-                            np.ascontiguousarray(io.phase_in_rad(pha, args.phase)), body=body,
+                            np.ascontiguousarray(phase_rad), body=body,
                             body_phase=body_phase, te=te, method=method,
                             voxel_size=mag.voxel_size, mask=mask,
                             **({"return_sensitivities": bool(args.out_sensitivities)}
@@ -381,7 +413,8 @@ def cmd_combine(args):
                                  "body_magnitude": args.body_magnitude,
                                  "body_phase": args.body_phase, "mask": args.mask},
                          info=res.info, extra={"channels": int(mag.data.shape[-1]),
-                                               "echoes": n_echoes, "te": te})
+                                               "echoes": n_echoes, "te": te,
+                                               "phase_scaling": scaling})
     if te is not None:
         meta["EchoTime"] = te if len(te) > 1 else te[0]
     for key in ("MagneticFieldStrength", "ImagingFrequency"):
@@ -389,12 +422,15 @@ def cmd_combine(args):
             meta[key] = pha.meta[key]
     if "MagneticFieldStrength" not in meta and own and isinstance(pha.meta.get("b0"), (int, float)):
         meta["MagneticFieldStrength"] = pha.meta["b0"]
-    io.save_volume(args.out_magnitude, res.magnitude, mag.affine, sidecar=meta)
-    io.save_volume(args.out_phase, res.phase, mag.affine, sidecar={**meta, "units": "rad"})
-    if args.out_sensitivities and res.sensitivities is not None:
-        io.save_volume(outs[2], np.abs(res.sensitivities), mag.affine, sidecar=meta)
-        io.save_volume(outs[3], np.angle(res.sensitivities), mag.affine,
+    with io.OutputSet() as outset:
+        io.save_volume(outset.path(args.out_magnitude), res.magnitude, mag.affine, sidecar=meta)
+        io.save_volume(outset.path(args.out_phase), res.phase, mag.affine,
                        sidecar={**meta, "units": "rad"})
+        if args.out_sensitivities and res.sensitivities is not None:
+            io.save_volume(outset.path(outs[2]), np.abs(res.sensitivities), mag.affine,
+                           sidecar=meta)
+            io.save_volume(outset.path(outs[3]), np.angle(res.sensitivities), mag.affine,
+                           sidecar={**meta, "units": "rad"})
     report.summary("combine", f"{method}, {mag.data.shape[-1]} channels",
                    time.perf_counter() - t_start, outs, args.quiet)
 
@@ -418,13 +454,15 @@ def cmd_field(args):
     check_outputs(outs.values(), [*(args.magnitude or []), *(args.phase or []), args.mask])
     unwrap_method = UNWRAPPING.resolve(args.unwrapping)
     unwrap = UNWRAPPING.get(unwrap_method).func
-    uparams = parse_params(args.unwrapping_param)
+    uparams = UNWRAPPING.validate_params(unwrap_method, parse_params(args.unwrapping_param),
+                                         "--unwrapping-param")
     mag3 = combine_magnitude(mag.data)
 
     def unwrap3(p, mask=None):
         return unwrap(p, mask=mask, voxel_size=pha.voxel_size, magnitude=mag3, **uparams)
 
-    params = parse_params(args.field_param)
+    params = validate_params(fit_field, parse_params(args.field_param), "--field-param",
+                             "the field fit")
     t0 = time.perf_counter()
     fit = fit_field(mag.data, pha.data, te, b0, unwrap3, mask, **params)
     field_method = fit.info.get("field_method", "single echo")
@@ -432,13 +470,15 @@ def cmd_field(args):
                          inputs={"magnitude": args.magnitude, "phase": args.phase,
                                  "dicom": args.dicom, "mask": args.mask}, info=fit.info,
                          extra={"unwrapping": unwrap_method, "unwrapping_parameters": uparams,
-                                "te": te, "b0": b0})
+                                "te": te, "b0": b0, **_phase_record(pha)})
     units_of = {"field_ppm": "ppm", "field_hz": "Hz", "noise_sd_ppm": "ppm", "weights": "1",
                 "magnitude_combined": "a.u.", "mask": "1"}
-    for name, path in outs.items():
-        data = mask if name == "mask" else getattr(fit, name)
-        io.save_volume(path, data, pha.affine, sidecar={**meta, "units": units_of[name]},
-                       dtype=np.uint8 if name == "mask" else np.float32)
+    with io.OutputSet() as outset:
+        for name, path in outs.items():
+            data = mask if name == "mask" else getattr(fit, name)
+            io.save_volume(outset.path(path), data, pha.affine,
+                           sidecar={**meta, "units": units_of[name]},
+                           dtype=np.uint8 if name == "mask" else np.float32)
     fit_text = field_method if len(te) == 1 else f"{field_method} fit of {len(te)} echoes"
     report.summary("field", f"{unwrap_method} unwrapping, {fit_text}",
                    time.perf_counter() - t_start, outs.values(), args.quiet)
@@ -455,7 +495,7 @@ def cmd_background(args):
                                          args.magnitude])
     device = backend.resolve_device(args.device)
     method = BACKGROUND.resolve(args.method)
-    params = parse_params(args.param)
+    params = BACKGROUND.validate_params(method, parse_params(args.param))
     b0_dir = b0_dir_for(vol, args.b0_dir)
     t0 = time.perf_counter()
     func = BACKGROUND.get(method).func
@@ -476,8 +516,10 @@ def cmd_background(args):
                                  "noise": args.noise, "magnitude": args.magnitude,
                                  "field_units": args.field_units}, info=info,
                          extra={"units": "ppm", "b0_dir_voxel": list(map(float, b0_dir))})
-    io.save_volume(args.out, backend.to_numpy(local), vol.affine, sidecar=meta)
-    io.save_volume(out_mask, backend.to_numpy(new_mask), vol.affine, dtype=np.uint8, sidecar=meta)
+    with io.OutputSet() as outset:
+        io.save_volume(outset.path(args.out), backend.to_numpy(local), vol.affine, sidecar=meta)
+        io.save_volume(outset.path(out_mask), backend.to_numpy(new_mask), vol.affine,
+                       dtype=np.uint8, sidecar=meta)
     report.summary("background", method, time.perf_counter() - t_start, [args.out, out_mask],
                    args.quiet)
 
@@ -490,9 +532,11 @@ def cmd_invert(args):
     mag = load_magnitude_like(args.magnitude, vol) if args.magnitude else None
     region = None
     if args.reference and args.reference != "mask":
-        rvol = io.load_volume(args.reference, what="reference region")
+        from .stats import label_map
+
+        rvol = io.load_volume(args.reference, what="reference region", allow_complex=False)
         io.check_same_grid(vol, rvol, "field", "reference region")
-        labels = np.rint(np.asarray(rvol.data)).astype(np.int64)
+        labels = label_map(rvol.data, args.reference)
         region = labels == args.reference_label if args.reference_label is not None else labels > 0
         if not (region & mask).any():
             raise QSMInputError("reference region has no voxels inside the mask", args.reference)
@@ -500,7 +544,7 @@ def cmd_invert(args):
                                None if args.reference == "mask" else args.reference])
     device = backend.resolve_device(args.device)
     method = INVERSION.resolve(args.method)
-    params = parse_params(args.param)
+    params = INVERSION.validate_params(method, parse_params(args.param))
     b0_dir = b0_dir_for(vol, args.b0_dir)
     t0 = time.perf_counter()
     chi, info = INVERSION.get(method).func(
@@ -518,7 +562,8 @@ def cmd_invert(args):
                          inputs={"field": args.field, "mask": args.mask,
                                  "magnitude": args.magnitude, "field_units": args.field_units},
                          info=info, extra={"units": "ppm", "b0_dir_voxel": list(map(float, b0_dir))})
-    io.save_volume(args.out, backend.to_numpy(chi), vol.affine, sidecar=meta)
+    with io.OutputSet() as outset:
+        io.save_volume(outset.path(args.out), backend.to_numpy(chi), vol.affine, sidecar=meta)
     report.summary("invert", method, time.perf_counter() - t_start, [args.out], args.quiet)
 
 
@@ -526,7 +571,7 @@ def cmd_stats(args):
     from . import stats
 
     t_start = time.perf_counter()
-    chi = io.load_volume(args.chi, what="chi map")
+    chi = io.load_volume(args.chi, what="chi map", allow_complex=False, allow_shear=True)
     if chi.data.ndim != 3:
         raise QSMInputError(f"chi map must be 3-D, got shape {chi.data.shape}", args.chi)
     io.require_finite(chi.data, args.chi, "chi map")
@@ -541,10 +586,10 @@ def cmd_stats(args):
         regions, affine = stats.read_segmentation(args.labels)
         shape = regions[0].mask.shape
     else:
-        lab = io.load_volume(args.labels, what="label map")
+        lab = io.load_volume(args.labels, what="label map", allow_shear=True)
         if lab.data.ndim != 3:
             raise QSMInputError(f"label map must be 3-D, got shape {lab.data.shape}", args.labels)
-        labels = np.rint(lab.data).astype(np.int64)
+        labels = stats.label_map(lab.data, args.labels)
         names = stats.read_label_names(args.label_names) if args.label_names else {}
         regions, affine, shape = None, lab.affine, labels.shape
     if not geometry.same_grid(chi.affine, chi.shape3, affine, shape):
@@ -564,17 +609,44 @@ def cmd_stats(args):
             regions = resampled
         else:
             labels = resampled[0].mask
+    outside, empty = {}, []
     if regions is None:
-        regions = stats.regions_from_label_map(labels, names)
-    regions, outside = regions_inside_chi_mask(chi, regions, args)
+        labels, outside, empty = labels_inside_chi_mask(chi, labels, names, args)
+    else:
+        regions, outside = regions_inside_chi_mask(chi, regions, args)
     subject = args.subject if (args.subject or args.append) else None
     if args.append and subject is None:
         subject = io.image_stem(os.path.basename(args.chi))
-    rows = stats.roi_table(chi.data, regions, chi.voxel_size, reference=args.reference,
-                           erode_mm=args.erode)
-    stats.write_table(rows, args.out, subject=subject, append=args.append)
-    ref = stats.resolve_reference(args.reference, regions)
-    ref_name = next((r.name for r in regions if r.label == ref), None)
+    # a label map: statistics of all labels in one pass (no mask per label)
+    rows = stats.roi_table(chi.data, labels if regions is None else regions, chi.voxel_size,
+                           names if regions is None else None, reference=args.reference,
+                           erode_mm=args.erode, empty_labels=empty)
+    ref = stats.resolve_reference(args.reference, {r["label"]: r["name"] for r in rows})
+    ref_name = next((r["name"] for r in rows if r["label"] == ref), None)
+    if args.append:  # read-modify-write of the cohort table, itself atomic
+        stats.write_table(rows, args.out, subject=subject, append=True)
+        return _print_rows(rows, args.quiet)
+    with io.OutputSet() as outset:
+        _write_stats(outset, rows, args, subject, ref_name, meta_path, png_path, t_start, outside)
+    _print_rows(rows, args.quiet)
+    method = f"{len(rows)} regions" + (f", reference {ref_name}" if ref_name else "")
+    report.summary("stats", method, time.perf_counter() - t_start,
+                   [args.out, meta_path, png_path], args.quiet)
+
+
+def _print_rows(rows, quiet):
+    if not quiet:
+        print(f"{'label':>5} {'name':<24} {'voxels':>8} {'mean':>9} {'mean_ref':>9}  (ppm)")
+        for r in rows:
+            print(f"{r['label']:>5} {r['name']:<24} {r['voxels']:>8} {r['mean']:>9.4f} "
+                  f"{r['mean_ref']:>9.4f}")
+
+
+def _write_stats(outset, rows, args, subject, ref_name, meta_path, png_path, t_start, outside):
+    """The table, its JSON record and the bar chart, staged in ``outset``."""
+    from . import stats
+
+    stats.write_table(rows, outset.path(args.out), subject=subject)
     if meta_path:
         meta = sidecar(extra={"stage": "stats", "method": "roi statistics",
                               "device": backend.device_name("cpu"),
@@ -587,17 +659,10 @@ def cmd_stats(args):
                               "outside_chi_mask_voxels": outside,
                               "inputs": {"chi": args.chi, "labels": args.labels,
                                          "label_names": args.label_names}})
-        io.write_json(meta_path, meta)
+        io.write_json(outset.path(meta_path), meta)
     if png_path:
-        stats.plot_referenced_means(rows, png_path, ref_name, title=os.path.basename(args.chi))
-    if not args.quiet:
-        print(f"{'label':>5} {'name':<24} {'voxels':>8} {'mean':>9} {'mean_ref':>9}  (ppm)")
-        for r in rows:
-            print(f"{r['label']:>5} {r['name']:<24} {r['voxels']:>8} {r['mean']:>9.4f} "
-                  f"{r['mean_ref']:>9.4f}")
-    method = f"{len(rows)} regions" + (f", reference {ref_name}" if ref_name else "")
-    report.summary("stats", method, time.perf_counter() - t_start,
-                   [args.out, meta_path, png_path], args.quiet)
+        stats.plot_referenced_means(rows, outset.path(png_path), ref_name,
+                                    title=os.path.basename(args.chi))
 
 
 def chi_mask(chi: io.Volume, mask_path=None):
@@ -643,6 +708,38 @@ def regions_inside_chi_mask(chi: io.Volume, regions, args):
                      "it are counted")
     print(f"qsmkit: note: {args.chi}: " + "; ".join(notes) + f" (mask: {source})", file=sys.stderr)
     return cut, outside
+
+
+def labels_inside_chi_mask(chi: io.Volume, labels, names, args):
+    """A label map cut to the chi map's mask (voxels outside set to 0, in one pass), {name:
+    voxels outside} for labels that reach out of it, and the labels wholly outside it (listed
+    with 0 voxels and NaN statistics). Says so on stderr; a reference wholly outside is an error."""
+    from .stats import resolve_reference
+
+    inside, source = chi_mask(chi, args.mask)
+    if inside is None:
+        return labels, {}, []
+    total = np.bincount(labels.ravel())
+    kept = np.bincount(labels[inside].ravel(), minlength=total.size)
+    name = {lab: str(names.get(lab, lab)) for lab in range(1, total.size) if total[lab]}
+    outside = {name[lab]: int(total[lab] - kept[lab]) for lab in name if total[lab] > kept[lab]}
+    if not outside:
+        return labels, {}, []
+    whole = [lab for lab in name if kept[lab] == 0]
+    ref = resolve_reference(args.reference, name)
+    if ref in whole:
+        raise QSMInputError(f"reference region {name[ref]} lies wholly outside the chi map's "
+                            f"mask ({source})", args.labels)
+    part = [k for k in outside if k not in {name[lab] for lab in whole}]
+    notes = []
+    if whole:
+        notes.append(f"{len(whole)} region(s) lie outside the chi map's mask "
+                     f"({', '.join(name[lab] for lab in whole)}): 0 voxels, NaN statistics")
+    if part:
+        notes.append(f"{len(part)} reach out of it ({', '.join(part)}): only their voxels inside "
+                     "it are counted")
+    print(f"qsmkit: note: {args.chi}: " + "; ".join(notes) + f" (mask: {source})", file=sys.stderr)
+    return np.where(inside, labels, 0), outside, whole
 
 
 def cmd_batch(args):
@@ -858,6 +955,14 @@ def _add_field_units(p):
                    help="echo time (s), for rad field units (no default)")
 
 
+def _add_phase_scale(p):
+    p.add_argument("--phase-scale", type=float, metavar="PI_VALUE",
+                   help="integer phase without a sidecar naming the Manufacturer: the value that "
+                        "stands for pi (4096 Siemens as dcm2niix writes it, 2048 raw 12-bit "
+                        "0..4095, 3141.59 milliradians); needed when the data do not reach the "
+                        "vendor's full scale")
+
+
 def _add_fsl(p):
     p.add_argument("--use-fsl", choices=_fsl.USE_FSL_CHOICES,
                    help="auto (default): FSL bet/prelude for 'auto' masking/unwrapping when FSL "
@@ -941,7 +1046,7 @@ def _add_gre_inputs(p, what="magnitude and phase"):
                    help="magnitude: one 4-D file (echoes last) or one 3-D file per echo")
     p.add_argument("--phase", nargs="+", metavar="FILE",
                    help="phase, as --magnitude: rad, or vendor integer phase scaled per the "
-                        "sidecar's Manufacturer (else from the data's range)")
+                        "sidecar's Manufacturer (else see --phase-scale)")
     p.add_argument("--dicom", nargs="+", metavar="PATH",
                    help=f"DICOM folder(s)/files or dcm2niix NIfTI with sidecars holding both "
                         f"{what} (instead of --magnitude/--phase)")
@@ -953,6 +1058,7 @@ def _add_gre_inputs(p, what="magnitude and phase"):
     p.add_argument("--b0", type=float, metavar="TESLA",
                    help="field strength (T) (default: ImagingFrequency / gamma, else "
                         "MagneticFieldStrength, of the JSON sidecar)")
+    _add_phase_scale(p)
 
 
 def _coil_methods():
@@ -1043,6 +1149,7 @@ def _add_combine_command(sub):
                    help="combined magnitude (4-D when there are echoes)")
     p.add_argument("--out-phase", required=True, metavar="FILE",
                    help="combined phase (rad), same shape")
+    _add_phase_scale(p)
     p.add_argument("--out-sensitivities", metavar="FILE", help="also write the channel "
                    "sensitivities: magnitude to FILE, phase to FILE_phase.nii.gz (default: not "
                    "written)")
@@ -1104,6 +1211,7 @@ def _add_unwrap_command(sub):
                    help="voxels to unwrap (default: all; the output is 0 outside)")
     p.add_argument("--out", required=True, metavar="FILE", help="unwrapped phase (rad)")
     _add_method(p, UNWRAPPING, "unwrapping")
+    _add_phase_scale(p)
     _add_fsl(p)
     _add_quiet(p)
     p.set_defaults(func=cmd_unwrap)
@@ -1253,6 +1361,22 @@ def build_parser():
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: outputs staged so far are removed (exit status 143)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _orig=None):
+    """qsmkit's own warnings as one line ``qsmkit: warning: ...``; others as Python prints them."""
+    if issubclass(category, QSMWarning):
+        print(f"qsmkit: warning: {message}", file=sys.stderr)
+    else:
+        _orig(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -1264,26 +1388,46 @@ def main(argv=None) -> int:
             print(f"qsmkit: error: {err}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    orig_show = warnings.showwarning
     try:
-        _configure_fsl(args)
-        with backend.precision(getattr(args, "precision", "float32")):
-            args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", QSMWarning)
+            warnings.showwarning = lambda *a, **k: _show_warning(*a, **k, _orig=orig_show)
+            _configure_fsl(args)
+            with backend.precision(getattr(args, "precision", "float32")):
+                args.func(args)
     except QSMInputError as err:
         print(f"qsmkit: error: {err}", file=sys.stderr)
         return 2
     except PartialFailure:
         return 1
-    except MemoryError:
-        print("qsmkit: error: out of memory (try a smaller volume or --device cpu)",
+    except MemoryError as err:
+        where = f"{err}; " if str(err) else ""
+        print(f"qsmkit: error: out of memory ({where}try a smaller volume or --device cpu)",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("qsmkit: interrupted; no partial output was left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # every command stages its outputs and moves them in together (io.OutputSet): an
+        # interruption leaves the previous files as they were
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"qsmkit: {what}; outputs left as they were before this run "
+              f"({_interrupted_note(args)})", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")
         return 0
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
+
+
+def _interrupted_note(args) -> str:
+    if getattr(args, "command", None) == "batch":
+        return "subjects already finished are complete, the others have no outputs"
+    return "no file of this run was written"
 
 
 if __name__ == "__main__":

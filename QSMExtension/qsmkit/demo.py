@@ -155,27 +155,31 @@ def run_demo(out, shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), seed=0
     meta = sidecar(cfg, res.stages, inputs={"simulation": inputs, "te": list(te), "b0": b0},
                    extra={"units": {"chi": "ppm", "field": "ppm"},
                           **report.pipeline_record(res.stages)})
-    written = []
-    for name in ("mask", "field_total", "field_local", "local_mask", "chi"):
-        data = getattr(res, name)
-        written.append(io.save_volume(os.path.join(out, f"{name}.nii.gz"), data, affine,
-                                      sidecar=meta,
-                                      dtype=np.uint8 if data.dtype == bool else np.float32))
-    with open(os.path.join(out, "metrics.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["stage", "method", "seconds", "metric", "value"])
-        w.writerows([[r[0], r[1], f"{r[2]:.3f}", r[3], f"{r[4]:.4f}"] for r in rows])
-    io.write_json(os.path.join(out, "metrics.json"),
-                  {"rows": [dict(zip(["stage", "method", "seconds", "metric", "value"], r))
-                            for r in rows], "simulation_seconds": t_sim,
-                   "total_seconds": time.perf_counter() - t_start, **meta})
-    overview_png(os.path.join(out, "overview.png"), ph, acq, res)
     titles = ("truth", "pipeline", "from true local field")
     roi = deep_gray_table(ph, dict(zip(titles, (ph.chi_brain, res.chi, chi_t))))
-    with open(os.path.join(out, "roi_stats.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["structure", *(f"{t} chi - csf (ppb)" for t in titles)])
-        w.writerows([[r[0], *(f"{v:.1f}" for v in r[1:])] for r in roi])
+    written = []
+    with io.OutputSet() as outset:  # every output moves into place together at the end
+        def at(name):
+            return outset.path(os.path.join(out, name))
+
+        for name in ("mask", "field_total", "field_local", "local_mask", "chi"):
+            data = getattr(res, name)
+            io.save_volume(at(f"{name}.nii.gz"), data, affine, sidecar=meta,
+                           dtype=np.uint8 if data.dtype == bool else np.float32)
+            written.append(os.path.join(out, f"{name}.nii.gz"))
+        with open(at("metrics.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["stage", "method", "seconds", "metric", "value"])
+            w.writerows([[r[0], r[1], f"{r[2]:.3f}", r[3], f"{r[4]:.4f}"] for r in rows])
+        io.write_json(at("metrics.json"),
+                      {"rows": [dict(zip(["stage", "method", "seconds", "metric", "value"], r))
+                                for r in rows], "simulation_seconds": t_sim,
+                       "total_seconds": time.perf_counter() - t_start, **meta})
+        overview_png(at("overview.png"), ph, acq, res)
+        with open(at("roi_stats.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["structure", *(f"{t} chi - csf (ppb)" for t in titles)])
+            w.writerows([[r[0], *(f"{v:.1f}" for v in r[1:])] for r in roi])
     if not quiet:
         print(format_table(rows))
         print("\nDeep gray matter, chi relative to CSF (ventricles), ppb: the true map, the "

@@ -36,13 +36,14 @@ def write_simulation(out, ph, acq, params, seconds=0.0):
     if acq.body_magnitude is not None:
         volumes["body_coil_magnitude"] = (squeeze(acq.body_magnitude), np.float32)
         volumes["body_coil_phase"] = (squeeze(acq.body_phase), np.float32)
-    os.makedirs(out, exist_ok=True)
     written = []
-    for name, (data, dtype) in volumes.items():
-        written.append(io.save_volume(os.path.join(out, f"{name}.nii.gz"), data, affine,
-                                      sidecar=meta, dtype=dtype))
-    with open(os.path.join(out, "labels.tsv"), "w") as fh:
-        fh.write("index\tname\n")
-        for k, v in sorted(ph.label_names.items()):
-            fh.write(f"{k}\t{v}\n")
+    with io.OutputSet() as outset:  # the set moves into place together, or not at all
+        for name, (data, dtype) in volumes.items():
+            target = os.path.join(out, f"{name}.nii.gz")
+            io.save_volume(outset.path(target), data, affine, sidecar=meta, dtype=dtype)
+            written.append(target)
+        with open(outset.path(os.path.join(out, "labels.tsv")), "w") as fh:
+            fh.write("index\tname\n")
+            for k, v in sorted(ph.label_names.items()):
+                fh.write(f"{k}\t{v}\n")
     return written
