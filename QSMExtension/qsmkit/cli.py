@@ -865,16 +865,18 @@ def cmd_methods(args):
     for stage in stages:
         registry, how = _method_stages()[stage]
         if registry is None:
-            blocks.append(f"== field ({how})\n" + describe_method("field"))
+            if not args.method:
+                blocks.append(f"== field ({how})\n" + describe_method("field"))
             continue
         auto = _auto_rule(registry)
         if stage == "combination":
             auto = "bodycoil with a body coil, else mcpc3ds for 2+ echoes, else adaptive"
         names = [args.method] if args.method else registry.names()
-        unknown = [n for n in names if n not in registry.names()]
-        if unknown:
-            raise QSMInputError(f"no {stage} method {unknown[0]}; choose one of "
-                                f"{', '.join(registry.names())}")
+        if args.method and args.method not in registry.names():
+            if args.stage:
+                raise QSMInputError(f"no {stage} method {args.method}; choose one of "
+                                    f"{', '.join(registry.names())}")
+            continue
         out = [f"== {stage} ({how}; auto = {auto})"]
         for n in names:
             method = registry._methods[n]
@@ -883,7 +885,14 @@ def cmd_methods(args):
                 continue
             out.append(describe_method(stage, n))
         blocks.append("\n".join(out))
+    if not blocks:
+        raise QSMInputError(f"no stage has a method {args.method}")
     print("\n\n".join(blocks))
+
+
+#: the commands with a --list-params option
+LIST_PARAMS_COMMANDS = ("demo", "run", "field", "mask", "unwrap", "background", "invert", "batch",
+                        "combine")
 
 
 def list_params(argv) -> int:
@@ -1356,7 +1365,10 @@ COMMANDS = (_add_demo_command, _add_run_command, _add_simulate_command, _add_com
 
 
 def build_parser():
-    parser = OneLineParser(prog="qsmkit", description=__doc__.split("\n")[0])
+    parser = OneLineParser(
+        prog="qsmkit", description="Quantitative susceptibility mapping (QSM): the whole pipeline, "
+        "one command per stage, simulation, a demo and ROI statistics. 'qsmkit COMMAND --help' "
+        "describes each command; 'qsmkit methods' lists every method's parameters.")
     parser.add_argument("--version", action="version", version=f"qsmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in COMMANDS:
@@ -1382,7 +1394,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _or
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if "--list-params" in argv and "--help" not in argv and "-h" not in argv:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if ("--list-params" in argv and "--help" not in argv and "-h" not in argv
+            and command in LIST_PARAMS_COMMANDS):
         try:
             return list_params(argv)
         except QSMInputError as err:
@@ -1416,6 +1430,9 @@ def main(argv=None) -> int:
         print(f"qsmkit: {what}; outputs left as they were before this run "
               f"({_interrupted_note(args)})", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stdout = open(os.devnull, "w")
+        return 0
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
