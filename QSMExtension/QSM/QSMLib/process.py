@@ -20,10 +20,18 @@ import time
 
 #: a tqdm line: "qsmkit run:  50%|#####     | 2/4 [00:01<00:01,  1.9stage/s, background]"
 _TQDM = re.compile(r"(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*\[(?P<info>[^\]]*)\]")
+#: the plain line qsmkit prints instead when its stderr is not a terminal (qsmkit/progress.py):
+#: "qsmkit run: [2/4] background" (steps done, then the step now running)
+_PLAIN = re.compile(r"^qsmkit[^:]*: \[(?P<n>\d+)/(?P<total>\d+)\] (?P<stage>\S.*)$")
 
 
 def parse_progress(line: str):
-    """(fraction done, stage or None) from a tqdm progress line, or None for other lines."""
+    """(fraction done, stage or None) from a progress line (tqdm or plain), or None for other
+    lines."""
+    m = _PLAIN.match(line.strip())
+    if m:
+        total = int(m.group("total"))
+        return min(max(int(m.group("n")) / total if total else 0.0, 0.0), 1.0), m.group("stage")
     m = _TQDM.search(line)
     if not m:
         return None
