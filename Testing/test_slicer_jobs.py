@@ -280,7 +280,7 @@ def test_pipeline_job_equals_qsmkit_run(scene, tmp_path, request, which):
     nodes = job.run(scene, timeout=120, on_progress=lambda f, s: progress.append((f, s)))
     assert not os.path.exists(workdir)  # temporary files removed
     assert nodes["chi"] is given_chi
-    assert progress[-1] == (1.0, "inversion")
+    assert progress[-1][0] == 1.0 and "inversion" in {stage for _f, stage in progress}
     for name, node in nodes.items():
         assert same_as_file(node, reference / f"{name}.nii.gz"), name
         assert sa.same_geometry(node, pha), name
