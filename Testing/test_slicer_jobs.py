@@ -287,11 +287,14 @@ def test_pipeline_job_equals_qsmkit_run(scene, tmp_path, request, which):
         assert node.GetScene() is scene
     assert nodes["mask"].IsA("vtkMRMLLabelMapVolumeNode")
     assert nodes["field_local"].GetName() == "pha_field_local"
-    # display presets: chi centred on 0, +-0.15 ppm; fields +-0.05 ppm; both ppm, told apart
-    for name, half_width in (("chi", 0.15), ("field_total", 0.05), ("field_local", 0.05)):
+    # display presets: chi centred on 0, +-0.15 ppm; local field +-0.05 ppm; the total field
+    # (background fields of several ppm) on Slicer's automatic window; all in ppm, told apart
+    for name, half_width in (("chi", 0.15), ("field_local", 0.05)):
         display = nodes[name].GetDisplayNode()
         assert display.GetAutoWindowLevel() == 0, name
         assert display.GetWindow() == pytest.approx(2 * half_width) and display.GetLevel() == 0, name
+    assert nodes["field_total"].GetDisplayNode().GetAutoWindowLevel() == 1
+    for name in ("chi", "field_total", "field_local"):
         assert nodes[name].GetVoxelValueUnits().GetCodeValue() == "ppm", name
     assert sa.is_chi_map(nodes["chi"]) and not sa.is_chi_map(nodes["field_local"])
     assert not sa.is_chi_map(nodes["mask"]) and not sa.is_chi_map(mag)
