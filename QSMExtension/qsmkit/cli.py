@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from . import __version__, backend, geometry, io, units
+from . import __version__, backend, geometry, io, qc, units
 from . import fsl as _fsl  # registers FSL's bet and prelude as masking and unwrapping methods
 from .background import BACKGROUND
 from .echoes import combine_magnitude
@@ -274,12 +274,15 @@ def cmd_run(args):
         progress.close()
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
                                             "dicom": args.dicom, "mask": args.mask, "te": te,
-                                            "b0": b0, "b0_dir_voxel": list(map(float, b0_dir))},
-                   extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg)})
+                                            "b0": b0, "b0_dir_voxel": list(map(float, b0_dir)),
+                                            "phase_convention": pha.meta.get("phase_convention")},
+                   extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg),
+                          "mask_volume_ml": round(qc.mask_volume_ml(res.mask, pha.voxel_size), 1)})
     for n, path in outs.items():
         data = getattr(res, n)
         io.save_volume(path, data, pha.affine, sidecar=meta,
                        dtype=np.uint8 if data.dtype == bool else np.float32)
+    qc.write_mask_qc(os.path.join(args.out, "mask_qc.png"), mag.data, res.mask, pha.affine)
     if not args.quiet:
         print_stage_times(res.stages)
         print(f"wrote {args.out}/chi.nii.gz (ppm)")
