@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from . import __version__, backend, geometry, io, qc, units
+from . import __version__, backend, geometry, io, kspace, qc, units
 from . import fsl as _fsl  # registers FSL's bet and prelude as masking and unwrapping methods
 from .background import BACKGROUND
 from .echoes import combine_magnitude
@@ -255,11 +255,14 @@ def _config(args):
         unwrapping_params=parse_params(args.unwrapping_param),
         field_params=parse_params(args.field_param),
         background_params=parse_params(args.background_param),
-        inversion_params=parse_params(args.inversion_param))
+        inversion_params=parse_params(args.inversion_param),
+        steep_field_fence=getattr(args, "steep_field", 0.0) or 0.0)
 
 
 def cmd_run(args):
     mag, pha, te, b0 = _read_inputs(args)
+    if getattr(args, "apodize", 0):  # the phase only: masking and priors keep the sharp magnitude
+        pha.data = kspace.apodize(mag.data, pha.data, args.apodize)[1]
     mask = load_mask(args.mask, pha) if args.mask else None
     cfg = _config(args).resolved()
     names = ("mask", "field_total", "field_local", "local_mask", "chi")
@@ -275,7 +278,8 @@ def cmd_run(args):
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
                                             "dicom": args.dicom, "mask": args.mask, "te": te,
                                             "b0": b0, "b0_dir_voxel": list(map(float, b0_dir)),
-                                            "phase_convention": pha.meta.get("phase_convention")},
+                                            "phase_convention": pha.meta.get("phase_convention"),
+                                            "apodize": getattr(args, "apodize", 0.0)},
                    extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg),
                           "mask_volume_ml": round(qc.mask_volume_ml(res.mask, pha.voxel_size), 1)})
     for n, path in outs.items():
@@ -737,6 +741,12 @@ def build_parser():
     p.add_argument("--te", nargs="+", type=float, help="echo times (s); default from a JSON sidecar")
     p.add_argument("--b0", type=float, help="field strength (T); default from a JSON sidecar")
     p.add_argument("--mask", help="brain mask (skips masking)")
+    p.add_argument("--apodize", type=float, default=0.0, metavar="ALPHA",
+                   help="Tukey k-space window on the complex data before the field fit, against "
+                   "Gibbs rings at low matrix sizes (0 off, 1 Hann; see qsmkit.kspace)")
+    p.add_argument("--steep-field", type=float, default=0.0, metavar="FENCE",
+                   help="drop mask voxels whose field gradient lies beyond Q3 + FENCE x IQR before "
+                   "background removal (e.g. 3: next to sinuses); 0 off")
     p.add_argument("--out", required=True, help="output folder")
     _add_methods(p)
     _add_b0_dir(p)
