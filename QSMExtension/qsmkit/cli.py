@@ -243,7 +243,8 @@ def cmd_run(args):
     cfg = _config(args).resolved()
     names = ("mask", "field_total", "field_local", "local_mask", "chi")
     outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
-    check_outputs([*outs.values(), os.path.join(args.out, "mask_qc.png")], [*(args.magnitude or []), *(args.phase or []), args.mask])
+    check_outputs([*outs.values(), os.path.join(args.out, "mask_qc.png")],
+                  [*(args.magnitude or []), *(args.phase or []), args.mask])
     b0_dir = b0_dir_for(pha, args.b0_dir)
     progress = Progress(len(STAGES), args.quiet, "qsmkit run")
     try:
