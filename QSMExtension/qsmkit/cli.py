@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from . import __version__, backend, geometry, io, report, units
+from . import __version__, backend, geometry, io, kspace, qc, report, units
 from . import fsl as _fsl  # registers FSL's bet and prelude as masking and unwrapping methods
 from .background import BACKGROUND
 from .echoes import combine_magnitude
@@ -229,18 +229,22 @@ def _config(args):
         unwrapping_params=parse_params(args.unwrapping_param),
         field_params=parse_params(args.field_param),
         background_params=parse_params(args.background_param),
-        inversion_params=parse_params(args.inversion_param))
+        inversion_params=parse_params(args.inversion_param),
+        steep_field_fence=getattr(args, "steep_field", 0.0) or 0.0)
 
 
 def cmd_run(args):
     t_start = time.perf_counter()
     mag, pha, te, b0 = _read_inputs(args)
     warn_if_not_magnitude(mag.data, (args.magnitude or args.dicom)[0])
+    if getattr(args, "apodize", 0):  # the phase only: masking and priors keep the sharp magnitude
+        pha.data = kspace.apodize(mag.data, pha.data, args.apodize)[1]
     mask = load_mask(args.mask, pha) if args.mask else None
     cfg = _config(args).resolved()
     names = ("mask", "field_total", "field_local", "local_mask", "chi")
     outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
-    check_outputs(outs.values(), [*(args.magnitude or []), *(args.phase or []), args.mask])
+    check_outputs([*outs.values(), os.path.join(args.out, "mask_qc.png")],
+                  [*(args.magnitude or []), *(args.phase or []), args.mask])
     b0_dir = b0_dir_for(pha, args.b0_dir)
     progress = Progress(len(STAGES), args.quiet, "qsmkit run")
     try:
@@ -251,17 +255,22 @@ def cmd_run(args):
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
                                             "dicom": args.dicom, "mask": args.mask, "te": te,
                                             "b0": b0, "b0_dir_voxel": list(map(float, b0_dir)),
+                                            "apodize": getattr(args, "apodize", 0.0),
                                             **_phase_record(pha)},
                    extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg),
-                          **report.pipeline_record(res.stages)})
-    with io.OutputSet() as outset:  # all five (and sidecars) move into place together
+                          **report.pipeline_record(res.stages),
+                          "mask_volume_ml": round(qc.mask_volume_ml(res.mask, pha.voxel_size), 1)})
+    qc_png = os.path.join(args.out, "mask_qc.png")
+    with io.OutputSet() as outset:  # all five (and sidecars, and the QC figure) move in together
         for n, path in outs.items():
             data = getattr(res, n)
             io.save_volume(outset.path(path), data, pha.affine, sidecar=meta,
                            dtype=np.uint8 if data.dtype == bool else np.float32)
+        qc.write_mask_qc(outset.path(qc_png), mag.data, res.mask, pha.affine)
     if not args.quiet:
         print_stage_times(res.stages)
-    report.summary("run", meta["method"], time.perf_counter() - t_start, outs.values(), args.quiet)
+    report.summary("run", meta["method"], time.perf_counter() - t_start, [*outs.values(), qc_png],
+                   args.quiet)
 
 
 def _phase_record(pha):
@@ -865,16 +874,18 @@ def cmd_methods(args):
     for stage in stages:
         registry, how = _method_stages()[stage]
         if registry is None:
-            blocks.append(f"== field ({how})\n" + describe_method("field"))
+            if not args.method:
+                blocks.append(f"== field ({how})\n" + describe_method("field"))
             continue
         auto = _auto_rule(registry)
         if stage == "combination":
             auto = "bodycoil with a body coil, else mcpc3ds for 2+ echoes, else adaptive"
         names = [args.method] if args.method else registry.names()
-        unknown = [n for n in names if n not in registry.names()]
-        if unknown:
-            raise QSMInputError(f"no {stage} method {unknown[0]}; choose one of "
-                                f"{', '.join(registry.names())}")
+        if args.method and args.method not in registry.names():
+            if args.stage:
+                raise QSMInputError(f"no {stage} method {args.method}; choose one of "
+                                    f"{', '.join(registry.names())}")
+            continue
         out = [f"== {stage} ({how}; auto = {auto})"]
         for n in names:
             method = registry._methods[n]
@@ -883,7 +894,14 @@ def cmd_methods(args):
                 continue
             out.append(describe_method(stage, n))
         blocks.append("\n".join(out))
+    if not blocks:
+        raise QSMInputError(f"no stage has a method {args.method}")
     print("\n\n".join(blocks))
+
+
+#: the commands with a --list-params option
+LIST_PARAMS_COMMANDS = ("demo", "run", "field", "mask", "unwrap", "background", "invert", "batch",
+                        "combine")
 
 
 def list_params(argv) -> int:
@@ -1099,9 +1117,16 @@ def _add_run_command(sub):
     p = _subparser(sub, "run", "the whole pipeline: magnitude + phase -> chi",
                    "The whole pipeline: brain mask, total field (unwrapping, echo fit), "
                    "background removal and dipole inversion; writes mask, field_total, "
-                   "field_local, local_mask and chi (ppm) as NIfTI with JSON sidecars in --out.")
+                   "field_local, local_mask and chi (ppm) as NIfTI with JSON sidecars, and "
+                   "mask_qc.png, in --out.")
     _add_gre_inputs(p)
     p.add_argument("--mask", metavar="FILE", help="brain mask (skips masking; default: computed)")
+    p.add_argument("--apodize", type=float, default=0.0, metavar="ALPHA",
+                   help="Tukey k-space window on the complex data before the field fit, against "
+                   "Gibbs rings at low matrix sizes (0 off, 1 Hann; see qsmkit.kspace) (default 0)")
+    p.add_argument("--steep-field", type=float, default=0.0, metavar="FENCE",
+                   help="drop mask voxels whose field gradient lies beyond Q3 + FENCE x IQR before "
+                   "background removal (e.g. 3: next to sinuses); 0 off (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_methods(p)
     _add_b0_dir(p)
@@ -1356,7 +1381,10 @@ COMMANDS = (_add_demo_command, _add_run_command, _add_simulate_command, _add_com
 
 
 def build_parser():
-    parser = OneLineParser(prog="qsmkit", description=__doc__.split("\n")[0])
+    parser = OneLineParser(
+        prog="qsmkit", description="Quantitative susceptibility mapping (QSM): the whole pipeline, "
+        "one command per stage, simulation, a demo and ROI statistics. 'qsmkit COMMAND --help' "
+        "describes each command; 'qsmkit methods' lists every method's parameters.")
     parser.add_argument("--version", action="version", version=f"qsmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in COMMANDS:
@@ -1382,7 +1410,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _or
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if "--list-params" in argv and "--help" not in argv and "-h" not in argv:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if ("--list-params" in argv and "--help" not in argv and "-h" not in argv
+            and command in LIST_PARAMS_COMMANDS):
         try:
             return list_params(argv)
         except QSMInputError as err:
@@ -1416,6 +1446,9 @@ def main(argv=None) -> int:
         print(f"qsmkit: {what}; outputs left as they were before this run "
               f"({_interrupted_note(args)})", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stdout = open(os.devnull, "w")
+        return 0
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old_term)

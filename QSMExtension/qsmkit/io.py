@@ -1035,7 +1035,7 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None, allow_nan=False):
     te_name = "--te" if te is not None else "EchoTime in the JSON sidecar"
     te = te if te is not None else pha.meta.get("EchoTime", pha.meta.get("te") if own else None)
     if te is None:
-        raise QSMInputError(f"{phase_paths[0]}: no echo time: its JSON sidecar has no EchoTime (s); "
+        raise QSMInputError(f"{phase_paths[0]}: missing echo time: its JSON sidecar has no EchoTime (s); "
                             "add it there, or give --te SECONDS (one per echo)")
     try:
         te = list(np.atleast_1d(np.asarray(te, dtype=float)))
