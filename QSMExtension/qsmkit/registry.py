@@ -114,6 +114,8 @@ NONE_DEFAULT_TYPES = {
     "threshold": "number", "radii_mm": "numbers", "pad": "number", "noise_sigma": "number",
     "block_mm": "number", "te_ratio": "number", "noise_sd_ppm": "number",
     "lcurve_alphas": "numbers", "te": "numbers"}
+#: words a numeric parameter also accepts, by name (``lam=lcurve`` of l2, ``alpha=lcurve`` of tv)
+TEXT_ALTERNATIVES = {"lam": ("lcurve",), "alpha": ("lcurve",)}
 
 
 def _kind(default, name):
@@ -186,6 +188,9 @@ def validate_params(func, params: dict, option: str, what: str) -> dict:
             raise QSMInputError(f"{option} {key}: unknown parameter of {what}; known: "
                                 f"{', '.join(settable) or 'none'}")
         kind = _kind(accepted[key].default, key) if key in accepted else "any"
+        if isinstance(value, str) and value in TEXT_ALTERNATIVES.get(key, ()):
+            out[key] = value
+            continue
         checked = _check_value(kind, value)
         if checked is None:
             shown = ",".join(map(str, value)) if isinstance(value, list) else value
