@@ -384,7 +384,8 @@ def mask_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, shell_mm=5.0
         keep = brain_core(keep, smooth, vox, threshold, core_mm=core_mm, regrow_mm=regrow_mm)
     keep = erode_mm(keep, vox, erode)
     if not keep.any():
-        raise QSMInputError("masking produced an empty mask; give --mask, or a smaller margin_mm / bt")
+        raise QSMInputError("masking produced an empty mask; give a mask (--mask), or a lower intensity "
+                            "threshold (--param bt=0.3, BET's -f; default 0.5)")
     return keep
 
 
