@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench eval-inversion lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py
+
+# dipole inversion suite (benchmarks/eval): cases x qsmkit and QSM.rs methods, table and figure
+eval-inversion: $(VENV)/.bench
+	$(PY) -m benchmarks.eval.run
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check QSMExtension Testing benchmarks

@@ -380,5 +380,6 @@ def mask_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, shell_mm=5.0
         keep = largest_component(erode_mm(keep, vox, margin_mm))
     keep = erode_mm(keep, vox, erode)
     if not keep.any():
-        raise QSMInputError("masking produced an empty mask; give --mask, or a smaller margin_mm / bt")
+        raise QSMInputError("masking produced an empty mask; give a mask (--mask), or a lower intensity "
+                            "threshold (--param bt=0.3, BET's -f; default 0.5)")
     return keep

@@ -24,6 +24,7 @@ from .echoes import combine_magnitude, fit_field
 from .errors import QSMInputError
 from .inversion import INVERSION
 from .masking import MASKING
+from .registry import validate_params
 from .unwrapping import UNWRAPPING
 
 STAGES = ("mask", "field", "background", "inversion")
@@ -57,18 +58,22 @@ class PipelineConfig:
 
     def resolved(self) -> PipelineConfig:
         """A copy with ``auto`` replaced by the method each stage will use."""
+        names = {stage: reg.resolve(getattr(self, stage)) for stage, reg in (
+            ("masking", MASKING), ("unwrapping", UNWRAPPING), ("background", BACKGROUND),
+            ("inversion", INVERSION))}
+        # every parameter checked against its method's keywords and types before any work
+        checked = {f"{stage}_params": reg.validate_params(names[stage],
+                                                          getattr(self, f"{stage}_params"),
+                                                          f"--{stage}-param")
+                   for stage, reg in (("masking", MASKING), ("unwrapping", UNWRAPPING),
+                                      ("background", BACKGROUND), ("inversion", INVERSION))}
         return PipelineConfig(
-            masking=MASKING.resolve(self.masking),
-            unwrapping=UNWRAPPING.resolve(self.unwrapping),
-            background=BACKGROUND.resolve(self.background),
-            inversion=INVERSION.resolve(self.inversion),
+            **names,
             device=backend.resolve_device(self.device),
             precision=_check_precision(self.precision),
-            masking_params=dict(self.masking_params),
-            unwrapping_params=dict(self.unwrapping_params),
-            field_params=dict(self.field_params),
-            background_params=dict(self.background_params),
-            inversion_params=dict(self.inversion_params),
+            field_params=validate_params(fit_field, self.field_params, "--field-param",
+                                         "the field fit"),
+            **checked,
         )
 
 

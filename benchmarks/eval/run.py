@@ -1,0 +1,105 @@
+"""Run the dipole-inversion suite: every case through qsmkit's methods and QSM.rs's, in one run,
+scored the same way; print the table, write it (``bench-output/eval/table.md``, ``rows.json``)
+and the figure (``bench-output/eval/inversion.png``).
+
+    python -m benchmarks.eval.run                       # all cases, default method list
+    python -m benchmarks.eval.run --cases head-1mm qsm2016 --methods default tv --peers tv rts
+
+Methods: ``default`` is ``qsmkit invert`` with no parameters (the registry's default); the other
+names are registry methods or variants from ``VARIANTS``. Cases are cached under
+``bench-output/eval-cases``, QSM.rs results under ``bench-output/eval-peers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.eval import cases, peers, score, table  # noqa: E402
+
+#: qsmkit methods of the suite: name -> (registry method, parameters)
+VARIANTS = {
+    "default": (None, {}),
+    "focuss": ("focuss", {}),
+    "focuss-noprior": ("focuss", {"prior": "none"}),
+    "tv": ("tv", {}),
+    "tv-noprior": ("tv", {"magnitude_weights": False, "edge_fraction": 0.0}),
+    "l2": ("l2", {}),
+    "tkd": ("tkd", {}),
+}
+DEFAULT_METHODS = ("default", "focuss", "focuss-noprior", "tv", "tv-noprior")
+
+
+def run_ours(case, name):
+    from qsmkit.inversion import INVERSION
+
+    method, params = VARIANTS[name]
+    func = INVERSION.get(method).func
+    t0 = time.perf_counter()
+    chi, info = func(case.field, case.mask, case.voxel_size, case.b0_dir, case.magnitude, **params)
+    return np.asarray(chi), info, time.perf_counter() - t0
+
+
+def rows_for(case, method, source, chi, seconds, info=None):
+    out = []
+    for truth in case.truths:
+        r = {"case": case.name, "role": case.role, "truth": truth, "method": method, "source": source,
+             "seconds": seconds, **score.score(chi, case, truth)}
+        if info:
+            r["info"] = {k: info[k] for k in ("method", "alpha", "iterations", "noise_sd_ppm", "stopped_by")
+                         if k in info}
+        out.append(r)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=list(cases.ALL), choices=cases.ALL)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(VARIANTS))
+    p.add_argument("--peers", nargs="*", default=list(peers.DEFAULT_DIPOLE), choices=peers.DIPOLE)
+    p.add_argument("--out", default=str(ROOT / "bench-output" / "eval"))
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    why = peers.available()
+    if why and a.peers:
+        print(f"skipping the peer: {why}", flush=True)
+    rows = []
+    for name in a.cases:
+        t0 = time.perf_counter()
+        case = cases.load(name)
+        print(f"[{name}] {case.shape} {case.voxel_size} mm ({case.role}; {time.perf_counter() - t0:.0f} s "
+              f"to load)", flush=True)
+        for m in a.methods:
+            chi, info, sec = run_ours(case, m)
+            new = rows_for(case, m if m != "default" else "qsmkit default", "qsmkit", chi, sec, info)
+            rows += new
+            print(f"  {new[0]['method']:<18} NRMSE {new[0]['nrmse']:6.1f} %  XSIM {new[0]['xsim']:.3f}  "
+                  f"ROI slope {new[0].get('roi_slope', float('nan')):.2f}  {sec:.1f} s", flush=True)
+        if not why:
+            for m in a.peers:
+                chi, info = peers.dipole_cached(case, m)
+                new = rows_for(case, f"qsmrs {m}", "qsmrs", chi, info["seconds"])
+                rows += new
+                print(f"  {new[0]['method']:<18} NRMSE {new[0]['nrmse']:6.1f} %  XSIM {new[0]['xsim']:.3f}  "
+                      f"ROI slope {new[0].get('roi_slope', float('nan')):.2f}  {info['seconds']:.1f} s"
+                      f"{' (cached)' if info.get('cached') else ''}", flush=True)
+    md = table.markdown(rows)
+    print(md)
+    (out / "table.md").write_text(md + "\n")
+    (out / "rows.json").write_text(json.dumps(rows, indent=1, default=float))
+    fig = table.figure(rows, out / "inversion.png")
+    print(f"wrote {out / 'table.md'}, {out / 'rows.json'}" + (f", {fig}" if fig else ""))
+
+
+if __name__ == "__main__":
+    main()
