@@ -274,8 +274,19 @@ def main(argv=None):
     p.add_argument("--peer-pdf-on", nargs="*", default=["3T-aniso-tilt", "7T-aniso-tilt"],
                    help="cases with QSM.rs PDF rows (QSM.rs PDF takes minutes per case)")
     p.add_argument("--no-figure", action="store_true")
+    p.add_argument("--part", metavar="NAME",
+                   help="write bench-output/e2e/NAME.json only (no table or figure): to run cases "
+                        "in several processes, then --combine")
+    p.add_argument("--combine", nargs="+", metavar="NAME",
+                   help="make the table and figure from parts written with --part, run nothing")
     a = p.parse_args(argv)
     rows, checks = [], []
+    if a.combine:
+        for part in a.combine:
+            d = json.loads((OUT / f"{part}.json").read_text())
+            rows += d["rows"]
+            checks += d["checks"]
+        return report(rows, checks, a.no_figure)
     for name in a.cases:
         c = e2e_cases.load(name)
         print(f"{name}: {c.mask.shape} voxels {c.voxel_size} mm, {c.b0} T, B0 {c.b0_dir}", flush=True)
@@ -284,6 +295,15 @@ def main(argv=None):
         rows += r
         checks.append(k)
         del c
+        if a.part:  # after every case, so a long run keeps what it has
+            OUT.mkdir(parents=True, exist_ok=True)
+            (OUT / f"{a.part}.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=1))
+    if a.part:
+        return
+    report(rows, checks, a.no_figure)
+
+
+def report(rows, checks, no_figure=False):
     text = table(rows, checks)
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -291,7 +311,7 @@ def main(argv=None):
     (OUT / "results.json").write_text(json.dumps({
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}", "rows": rows, "checks": checks}, indent=1))
-    if not a.no_figure:
+    if not no_figure:
         figure(rows, FIGURE)
         print(f"figure: {FIGURE.relative_to(ROOT)}")
 
