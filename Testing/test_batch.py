@@ -68,7 +68,7 @@ def test_batch_local_workers(bids, capsys):
         assert all(os.path.exists(p) for p in paths.values())
         chi = nib.load(paths["chi"]).get_fdata()
         sidecar = json.loads(open(paths["chi"].replace(".nii.gz", ".json")).read())
-        assert sidecar["subject"] == s.key and sidecar["parameters"]["background"] == "pdf"
+        assert sidecar["subject"] == s.key and sidecar["parameters"]["background"] == "tfi-fast"
         # the same numbers as the single-subject pipeline on the same files
         mag, pha, te, b0 = io.load_gre(s.magnitude, s.phase)
         ref = run_pipeline(mag.data, rescale_phase(pha.data), te, b0, pha.voxel_size, pha.b0_dir())
