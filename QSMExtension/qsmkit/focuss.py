@@ -48,8 +48,8 @@ chi is then the least-squares fit to the three gradient images, in closed form i
 
 E_i(k) = (exp(2 pi i k_i / N_i) - 1) / d_i the symbol of the forward difference.
 
-Data-consistency refinement (``refine`` > 0 CG iterations; on in the simulation preset): the three y_i
-were found independently, so (5) is only their curl-free part. chi is then fitted to the
+Data-consistency refinement (``refine`` > 0 CG iterations, 100 x the edge trust by the
+rule): the three y_i were found independently, so (5) is only their curl-free part. chi is then fitted to the
 field and to the gradient images together:
 
     chi = argmin ||N M (A chi - delta)||^2 + sum_i mu_i || G_i chi / V_i ||^2             (6)
