@@ -75,6 +75,10 @@ def test_siemens_phase_difference_to_hz():
     nifti = scanner.read_fieldmap_hz(nifti_path)
     assert dicom.kind == nifti.kind == "fieldmap"
     assert dicom.te == pytest.approx([0.00519, 0.00765]) and nifti.te == pytest.approx(dicom.te)
+    # the 12-bit rule is chosen by the manufacturer, not by the range, in both forms
+    for s in (dicom, nifti):
+        assert s.meta["phase_convention"]["name"] == "siemens-12bit-signed"
+        assert s.meta["phase_convention"]["source"].startswith("Manufacturer Siemens")
     quantum_hz = 1.0 / (4096 * DTE_SIEMENS)  # one 12-bit phase step
     assert quantum_hz == pytest.approx(0.0992, abs=1e-4)
     assert np.max(np.abs(dicom.data.data - nifti.data.data)) <= quantum_hz / 2
@@ -312,8 +316,8 @@ def test_dicom_errors(tmp_path):
     multi.mkdir()
     (path,) = _write_series(multi, kind="magnitude", series=3, tes=[0.005], rng=rng,
                             extra={"NumberOfFrames": 2})[:1]
-    with pytest.raises(QSMInputError, match="dcm2niix"):
-        scanner.read_dicom(path)
+    with pytest.raises(QSMInputError, match="2 frames but 0 per-frame functional groups"):
+        scanner.read_dicom(path)  # multi-frame without the enhanced functional groups
 
 
 # ----------------------------------------------------------------------------- bad scanner input

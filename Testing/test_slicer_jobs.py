@@ -92,6 +92,54 @@ def test_cancel_kills_the_process_and_its_children(tmp_path):
         pytest.fail("the child process survived cancel")
 
 
+def _gone(pid) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_cancel_ends_the_whole_tree_under_a_launcher(tmp_path):
+    """Slicer runs the command as PythonSlicer (a launcher) -> python-real -> its workers. Here
+    the launcher's child and grandchild each start a session of their own, so that, as on
+    Windows, no process group reaches them: only a process-tree kill does."""
+    pytest.importorskip("psutil", reason="psutil (shipped with Slicer) finds the process tree")
+    (tmp_path / "worker.py").write_text(textwrap.dedent("""
+        import subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                      start_new_session=True)
+        print("pids", grandchild.pid, flush=True)
+        time.sleep(30)
+    """))
+    argv = python_script(tmp_path, f"""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, {str(tmp_path / "worker.py")!r}],
+                                 start_new_session=True)
+        print("child", child.pid, flush=True)
+        sys.exit(child.wait())
+    """)
+    proc = QsmkitProcess(argv).start()
+    deadline = time.monotonic() + 20
+    while not any(line.startswith("pids") for line in proc.log):
+        assert proc.poll() and time.monotonic() < deadline, proc.log
+        time.sleep(0.02)
+    child = int(next(line for line in proc.log if line.startswith("child")).split()[1])
+    grandchild = int(next(line for line in proc.log if line.startswith("pids")).split()[1])
+    assert not _gone(child) and not _gone(grandchild)
+    t0 = time.monotonic()
+    proc.cancel(grace=2.0)
+    assert time.monotonic() - t0 < 10  # not after the 30 s the workers would sleep
+    assert proc.cancelled and proc.returncode is not None and proc.returncode != 0
+    for _ in range(40):
+        if _gone(child) and _gone(grandchild):
+            break
+        time.sleep(0.05)
+    assert _gone(child), "the launcher's child survived cancel"
+    assert _gone(grandchild), "the grandchild survived cancel"
+
+
 def test_wait_timeout_cancels(tmp_path):
     proc = QsmkitProcess(python_script(tmp_path, "import time; time.sleep(60)")).start()
     with pytest.raises(TimeoutError):
@@ -123,15 +171,54 @@ def test_echo_times_and_method_parameters():
         jobs.param_args("lam 0.1")
 
 
-def test_requirements_cover_the_package_dependencies():
+#: pyproject dependencies that no panel needs (see QSM/Resources/requirements.txt)
+NOT_FOR_PANELS = {"matplotlib", "slicerio", "pydicom"}
+
+
+def test_requirements_are_the_panels_needs():
     tomllib = pytest.importorskip("tomllib", reason="needs Python >= 3.11 to read pyproject.toml")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    needed = {jobs.requirement_name(d).lower() for d in project["dependencies"]}
-    listed = {jobs.requirement_name(r).lower() for r in jobs.read_requirements()}
-    assert needed <= listed, f"add to QSM/Resources/requirements.txt: {sorted(needed - listed)}"
+    needed = {jobs.requirement_name(d).lower(): d for d in project["dependencies"]}
+    listed = {jobs.requirement_name(r).lower(): r for r in jobs.read_requirements()}
+    assert set(needed) - set(listed) == NOT_FOR_PANELS
+    assert all(listed[name] == needed[name] for name in listed), "same version bounds as pyproject"
     assert jobs.missing_requirements() == []  # this environment has them all
     assert jobs.missing_requirements(["surely-not-a-package-qsm>=1", "numpy"]) == [
         "surely-not-a-package-qsm>=1"]
+
+
+BLOCKING_PYTHON = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from qsmkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_panel_commands_run_without_the_packages_not_installed_for_them(tmp_path):
+    """What the panels run (simulate for Sample Data's phantom, run, combine) with matplotlib,
+    slicerio and pydicom unimportable: the requirements list is enough."""
+    code = BLOCKING_PYTHON.format(blocked=NOT_FOR_PANELS)
+    env = qsmkit_environment(jobs.qsmkit_parent())
+
+    def qsmkit(*args):
+        proc = QsmkitProcess([sys.executable, "-c", code, *map(str, args)], env=env).start()
+        assert proc.wait(timeout=300) == 0, proc.log[-5:]
+
+    small = ["--shape", "24", "24", "16", "--voxel-size", "8", "8", "8"]
+    qsmkit("simulate", "--out", tmp_path / "ph", *small, "--coils", "3", "--quiet")
+    qsmkit("run", "--magnitude", tmp_path / "ph" / "magnitude.nii.gz", "--phase",
+           tmp_path / "ph" / "phase.nii.gz", "--te", "0.02", "--b0", "3", "--out", tmp_path / "run",
+           "--quiet")
+    assert (tmp_path / "run" / "chi.nii.gz").is_file()
+    qsmkit("combine", "--magnitude", tmp_path / "ph" / "coils_magnitude.nii.gz", "--phase",
+           tmp_path / "ph" / "coils_phase.nii.gz", "--out-magnitude", tmp_path / "m.nii.gz",
+           "--out-phase", tmp_path / "p.nii.gz", "--quiet")
+    assert (tmp_path / "p.nii.gz").is_file()
 
 
 # ---------------------------------------------------------------- jobs on MRML nodes
@@ -193,13 +280,24 @@ def test_pipeline_job_equals_qsmkit_run(scene, tmp_path, request, which):
     nodes = job.run(scene, timeout=120, on_progress=lambda f, s: progress.append((f, s)))
     assert not os.path.exists(workdir)  # temporary files removed
     assert nodes["chi"] is given_chi
-    assert progress[-1] == (1.0, "inversion")
+    assert progress[-1][0] == 1.0 and "inversion" in {stage for _f, stage in progress}
     for name, node in nodes.items():
         assert same_as_file(node, reference / f"{name}.nii.gz"), name
         assert sa.same_geometry(node, pha), name
         assert node.GetScene() is scene
     assert nodes["mask"].IsA("vtkMRMLLabelMapVolumeNode")
     assert nodes["field_local"].GetName() == "pha_field_local"
+    # display presets: chi centred on 0, +-0.15 ppm; local field +-0.05 ppm; the total field
+    # (background fields of several ppm) on Slicer's automatic window; all in ppm, told apart
+    for name, half_width in (("chi", 0.15), ("field_local", 0.05)):
+        display = nodes[name].GetDisplayNode()
+        assert display.GetAutoWindowLevel() == 0, name
+        assert display.GetWindow() == pytest.approx(2 * half_width) and display.GetLevel() == 0, name
+    assert nodes["field_total"].GetDisplayNode().GetAutoWindowLevel() == 1
+    for name in ("chi", "field_total", "field_local"):
+        assert nodes[name].GetVoxelValueUnits().GetCodeValue() == "ppm", name
+    assert sa.is_chi_map(nodes["chi"]) and not sa.is_chi_map(nodes["field_local"])
+    assert not sa.is_chi_map(nodes["mask"]) and not sa.is_chi_map(mag)
 
 
 def test_pipeline_job_with_mask_methods_and_params(scene, tmp_path, phantom):

@@ -18,10 +18,11 @@ From the Python console, one call per stage::
 
 import logging
 import os
+import pathlib
 import shutil
 import sys
 import time
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
@@ -59,6 +60,21 @@ FIELD_UNITS_CHOICES = ["ppm", "hz", "rad"]
 PHANTOM_VOLUMES = ("magnitude", "phase", "chi_true", "labels")
 # Where the FSL folder is kept (application settings); passed to the background process as FSLDIR.
 FSL_SETTING = "QSM/FSLDirectory"
+# The first Slicer whose Python runs this code: Slicer 5.10 ships Python 3.12, 5.8 and earlier
+# Python 3.9, and the code needs 3.10 (zip(strict=True), ...). Also in CMakeLists.txt and the
+# README; Testing/test_slicer_extension.py checks all three against the code (vermin).
+MINIMUM_SLICER_VERSION = "5.10"
+MINIMUM_PYTHON = (3, 10)
+# Sample Data > QSM: the simulated phantom shipped in Resources/SampleData (written by
+# tools/make_sample_data.py): file, node name, SHA256.
+SAMPLE_DATA = (
+    ("QSMPhantom_magnitude.nii.gz", "QSMPhantom_magnitude",
+     "3433c4b8aebe6b9a5ddc9e5fdf764c6c8359602d63c3b44f2e0a4b9e8779c4e6"),
+    ("QSMPhantom_phase.nii.gz", "QSMPhantom_phase",
+     "78bdbdb5a70a7ad462d51f3847a2799547add923d145ef7b12b2478dbe94914c"),
+    ("QSMPhantom_labels.seg.nrrd", "QSMPhantom_labels",
+     "8b4a5544ce1daff67d1dfa189b25ae6d174f3128a0fd68c817355bb43ab158a7"),
+)
 
 
 def ensureQsmkitImportable():
@@ -103,37 +119,52 @@ documentation</a>.
 The method follows FOCUSS-QSM with a magnitude prior and projection onto dipole fields
 (Liu et al., NMR Biomed 2011). Built with the qsmkit package of QSMExtension.
 """)
+        if sys.version_info < MINIMUM_PYTHON:
+            message = _("QSM needs Slicer {version} or later (Python {python}+); this Slicer's "
+                        "Python is {found}.").format(
+                version=MINIMUM_SLICER_VERSION, python=".".join(map(str, MINIMUM_PYTHON)),
+                found=".".join(map(str, sys.version_info[:3])))
+            logging.error(message)
+            self.parent.helpText = f"<p><b>{message}</b></p>" + self.parent.helpText
         slicer.app.connect("startupCompleted()", registerSampleData)
         slicer.app.connect("startupCompleted()", registerSegmentStatisticsPlugin)
 
 
 def registerSegmentStatisticsPlugin():
-    """Add the chi statistics plugin to the Segment Statistics module."""
+    """Add the chi statistics plugin to the Segment Statistics module (never raises: a failure
+    here must not stop the application's start-up)."""
     try:
         from QSMLib.ChiStatisticsPlugin import ChiStatisticsPlugin
         from SegmentStatistics import SegmentStatisticsLogic
-    except ImportError as err:
+
+        SegmentStatisticsLogic.registerPlugin(ChiStatisticsPlugin())
+    except Exception as err:  # noqa: BLE001
         logging.warning(f"QSM: Segment Statistics plugin not registered ({err})")
-        return
-    SegmentStatisticsLogic.registerPlugin(ChiStatisticsPlugin())
 
 
 def registerSampleData():
-    """The built-in QSM phantom in the Sample Data module, simulated on demand (no download)."""
+    """Sample Data > QSM > QSMPhantom: magnitude, phase (TE 20 ms, 3 T: the panel's defaults)
+    and the phantom's regions as a segmentation. The files ship with the extension and are
+    registered by file URL with their checksums, so the Sample Data button and
+    ``SampleData.downloadSample("QSMPhantom")`` both load them through Slicer's own download
+    path (copied into the cache, checked, loaded); no network, no Python packages needed."""
     try:
         import SampleData
-    except ImportError:
-        return
-    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="QSM",
-        sampleName="QSMPhantom",
-        thumbnailFileName=os.path.join(iconsPath, "QSMPhantom.png"),
-        # nothing to download: the button calls customDownloader, which simulates the phantom
-        uris=[],
-        fileNames=[],
-        customDownloader=lambda source=None: QSMLogic().loadPhantom(),
-    )
+
+        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources")
+        files = [os.path.join(folder, "SampleData", name) for name, _node, _sha in SAMPLE_DATA]
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="QSM",
+            sampleName="QSMPhantom",
+            thumbnailFileName=os.path.join(folder, "Icons", "QSMPhantom.png"),
+            uris=[pathlib.Path(f).as_uri() for f in files],
+            fileNames=[name for name, _node, _sha in SAMPLE_DATA],
+            nodeNames=[node for _name, node, _sha in SAMPLE_DATA],
+            checksums=[f"SHA256:{sha}" for _name, _node, sha in SAMPLE_DATA],
+            loadFileTypes=["VolumeFile", "VolumeFile", "SegmentationFile"],
+        )
+    except Exception as err:  # noqa: BLE001 - never stop the application's start-up
+        logging.warning(f"QSM: sample data not registered ({err})")
 
 
 #
@@ -157,8 +188,8 @@ class QSMParameterNode:
         chi is always produced).
     """
 
-    magnitude: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]
-    phase: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]
+    magnitude: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]]
+    phase: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]]
     brainMask: vtkMRMLScalarVolumeNode
     echoTimesMs: str = "20"
     fieldStrengthT: Annotated[float, WithinRange(0.1, 21.1)] = 3.0
@@ -252,6 +283,7 @@ class QSMWidget(StageWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMi
     def onJobDone(self, job, nodes) -> None:
         self.logic.storeOutputs(self._parameterNode, nodes)
         slicer.util.setSliceViewerLayers(background=nodes["chi"], fit=True)
+        self.logic.showColorLegend(nodes["chi"])
 
 
 #
@@ -280,10 +312,24 @@ class QSMLogic(ScriptedLoadableModuleLogic):
         return missing_requirements()
 
     def installRequirements(self, askUser=True) -> bool:
-        """Install qsmkit's missing Python packages (asking first); True when all are present."""
+        """Install the Python packages the panels' commands need (Resources/requirements.txt)
+        that are missing; True when all are present. Through ``slicer.packaging.pip_ensure``
+        where this Slicer has it (5.12+: asks for consent, installs with progress, offers a
+        restart when an already imported package was updated), else ``slicer.util.pip_install``
+        after asking."""
         missing = self.missingRequirements()
         if not missing:
             return True
+        try:
+            from slicer.packaging import pip_ensure
+        except ImportError:  # Slicer before 5.12
+            pip_ensure = None
+        if pip_ensure is not None:
+            try:
+                pip_ensure(missing, prompt_install=askUser, requester="QSM")
+            except RuntimeError:  # the user declined
+                return False
+            return not self.missingRequirements()
         if askUser and not slicer.util.confirmOkCancelDisplay(
                 _("QSM needs these Python packages, which are not installed yet:\n\n{packages}\n\n"
                   "Install them now? (This downloads them and can take a few minutes.)").format(
@@ -424,6 +470,24 @@ class QSMLogic(ScriptedLoadableModuleLogic):
         result = self._run(job, wait, onLine, onProgress)
         return result["chi"] if wait else result
 
+    @staticmethod
+    def markAsChiMap(node, kind="chi") -> None:
+        """Mark a volume loaded from a file (whose units Slicer does not read) as a chi map
+        (``kind="chi"``) or a field map (``"field"``), in ppm: units, quantity and display
+        preset, as the modules' outputs get them; the Segment Statistics plugin then measures
+        a chi map."""
+        from qsmkit import slicer_adapter
+
+        slicer_adapter.mark_as(node, kind)
+
+    @staticmethod
+    def showColorLegend(node) -> None:
+        """A colour bar for the node in the views, where this Slicer has colour legends."""
+        try:
+            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(node)
+        except Exception as err:  # noqa: BLE001 - a missing colour bar is no error
+            logging.info(f"QSM: no colour legend ({err})")
+
     def segmentStatistics(self, chi, segmentation, reference=None, erodeMm=0.0, tableNode=None):
         """The ``qsmkit stats`` rows for a chi node and a segmentation (one per segment), also
         written to a table node when ``tableNode`` is given."""
@@ -535,6 +599,8 @@ class QSMTest(ScriptedLoadableModuleTest):
         self.test_QSM_pipeline_matches_qsmkit()
         self.setUp()
         self.test_QSM_segment_statistics()
+        self.setUp()
+        self.test_QSM_sample_data_and_chi_plugin()
 
     def _phantom(self):
         logic = QSMLogic()
@@ -570,3 +636,23 @@ class QSMTest(ScriptedLoadableModuleTest):
         self.assertTrue(len(rows) > 0)
         self.assertTrue(all(np.isfinite(r["mean"]) for r in rows if r["voxels"]))
         self.delayDisplay("Test passed")
+
+    def test_QSM_sample_data_and_chi_plugin(self):
+        """Sample Data loads the phantom; Segment Statistics, with the QSM chi plugin, measures
+        a chi map and adds no chi column for the magnitude."""
+        import SampleData
+        from SegmentStatistics import SegmentStatisticsLogic
+
+        magnitude, phase, segmentation = SampleData.downloadSamples("QSMPhantom")
+        self.assertTrue(segmentation.IsA("vtkMRMLSegmentationNode"))
+        nodes = QSMLogic().runPipeline(magnitude, phase, echoTimes=[0.02], fieldStrength=3.0)
+        logic = SegmentStatisticsLogic()
+        params = logic.getParameterNode()
+        params.SetParameter("Segmentation", segmentation.GetID())
+        for volume, expectChi in ((nodes["chi"], True), (magnitude, False)):
+            params.SetParameter("ScalarVolume", volume.GetID())
+            logic.computeStatistics()
+            keys = [k for k in logic.getStatistics() if isinstance(k, tuple)]
+            self.assertEqual(any(k[1].startswith("ChiStatisticsPlugin.") for k in keys), expectChi)
+        self.delayDisplay("Test passed")
+

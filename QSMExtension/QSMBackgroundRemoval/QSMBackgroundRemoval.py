@@ -96,6 +96,7 @@ class QSMBackgroundRemovalWidget(StageWidgetMixin, ScriptedLoadableModuleWidget,
         self._parameterNode.localField = nodes["field_local"]
         self._parameterNode.localMask = nodes["local_mask"]
         slicer.util.setSliceViewerLayers(background=nodes["field_local"], fit=True)
+        self.logic.showColorLegend(nodes["field_local"])
 
 
 class QSMBackgroundRemovalLogic(QSMLogic, ScriptedLoadableModuleLogic):

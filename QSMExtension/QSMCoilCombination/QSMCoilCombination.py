@@ -18,7 +18,7 @@ From the Python console::
     magnitude, phase = nodes["magnitude"], nodes["phase"]
 """
 
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 import slicer
 from QSMLib.stagewidget import StageWidgetMixin
@@ -67,10 +67,10 @@ class QSMCoilCombinationParameterNode:
     bodyPhase - optional body-coil image (one item per echo); numberOfEchoes; echoTimesMs
     ("5, 10"); method, parameters ("key=value ..."); combinedMagnitude, combinedPhase - outputs."""
 
-    channelMagnitude: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]
-    channelPhase: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]
-    bodyMagnitude: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]
-    bodyPhase: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]
+    channelMagnitude: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]]
+    channelPhase: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]]
+    bodyMagnitude: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]]
+    bodyPhase: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]]
     numberOfEchoes: Annotated[int, WithinRange(1, 64)] = 1
     echoTimesMs: str = ""
     method: Annotated[str, Choice(COMBINATION_CHOICES)] = "auto"

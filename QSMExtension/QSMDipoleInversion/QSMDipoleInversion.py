@@ -109,6 +109,7 @@ class QSMDipoleInversionWidget(StageWidgetMixin, ScriptedLoadableModuleWidget, V
     def onJobDone(self, job, nodes) -> None:
         self._parameterNode.chiVolume = nodes["chi"]
         slicer.util.setSliceViewerLayers(background=nodes["chi"], fit=True)
+        self.logic.showColorLegend(nodes["chi"])
 
 
 class QSMDipoleInversionLogic(QSMLogic, ScriptedLoadableModuleLogic):

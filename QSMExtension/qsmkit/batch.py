@@ -32,6 +32,7 @@ from .errors import QSMInputError
 
 ENTITY = re.compile(r"(?P<key>[a-zA-Z]+)-(?P<value>[a-zA-Z0-9]+)")
 IMAGE = re.compile(r"\.nii(\.gz)?$")
+PARTS = ("mag", "phase")
 
 
 @dataclass
@@ -53,12 +54,32 @@ def _entities(name):
     return {m["key"]: m["value"] for p in parts[:-1] if (m := ENTITY.fullmatch(p))}, parts[-1]
 
 
-def find_subjects(root, participants=None, sessions=None) -> list:
+def _name_problem(path: Path, ent: dict, name: str):
+    """Why a ``*_part-*`` image name cannot be used (None when it can)."""
+    stem = IMAGE.sub("", name)
+    bad = [p for p in stem.split("_")[:-1] if not ENTITY.fullmatch(p)]
+    if bad:
+        return f"'{bad[0]}' is not a BIDS key-value entity"
+    folder_sub = next((p.name for p in path.parents if p.name.startswith("sub-")), None)
+    if "sub" not in ent:
+        return "no sub-<label> entity in the file name"
+    if folder_sub and folder_sub != f"sub-{ent['sub']}":
+        return f"sub-{ent['sub']} in the name but in folder {folder_sub}"
+    if "echo" in ent and not (ent["echo"].isdigit() and int(ent["echo"]) > 0):
+        return f"echo-{ent['echo']} is not a positive echo number"
+    if ent.get("part") not in PARTS:
+        return f"part-{ent.get('part')} is not supported (part-mag and part-phase are)"
+    return None
+
+
+def find_subjects(root, participants=None, sessions=None, problems=None) -> list:
     """The GRE acquisitions of a BIDS dataset, sorted by subject and session.
 
     ``participants`` / ``sessions``: labels to keep (with or without the ``sub-``/``ses-``
     prefix); default all. Magnitude and phase files pair on all entities but ``part`` and
-    ``echo``; echoes are ordered by their ``echo-N`` entity.
+    ``echo``; echoes are ordered by their ``echo-N`` entity. Files whose names do not follow
+    BIDS (``_name_problem``) are skipped; ``problems`` (a list), when given, receives
+    ``(path, reason)`` for each.
     """
     root = Path(root)
     if not root.is_dir():
@@ -70,6 +91,11 @@ def find_subjects(root, participants=None, sessions=None) -> list:
         if not IMAGE.search(path.name):
             continue
         ent, suffix = _entities(path.name)
+        problem = _name_problem(path, ent, path.name)
+        if problem:
+            if problems is not None:
+                problems.append((str(path), problem))
+            continue
         if keep_sub is not None and ent.get("sub") not in keep_sub:
             continue
         if keep_ses is not None and ent.get("ses") not in keep_ses:
@@ -151,11 +177,10 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
     """Run the pipeline on one subject and write its derivatives. Never raises: the outcome
     (``status`` ok/failed, ``error`` one line, ``seconds``) is returned, so one broken subject
     does not stop a cohort."""
-    from . import io, stats
+    from . import io, report, stats
     from .echoes import combine_magnitude
     from .pipeline import PipelineConfig, run_pipeline, sidecar
     t0 = time.perf_counter()
-    written = []  # removed again if the subject fails: no half set of derivatives
     try:
         if not subject.magnitude or not subject.phase:
             missing = "magnitude" if not subject.magnitude else "phase"
@@ -169,28 +194,26 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
         paths = output_paths(out_root, subject)
         meta = sidecar(cfg, res.stages, inputs={"magnitude": subject.magnitude,
                                                 "phase": subject.phase, "te": te, "b0": b0},
-                       extra={"units": {"chi": "ppm", "field": "ppm"}, "subject": subject.key})
-        # a subject counts as done when every file exists (``is_complete``); the QC image is last
-        for name in ("mask", "field_total", "field_local", "chi"):
-            data = getattr(res, name)
-            written.append(io.save_volume(paths[name], data, pha.affine, sidecar=meta,
-                                          dtype=np.uint8 if data.dtype == bool else np.float32))
-            written.append(io.sidecar_path(paths[name]))
-        if subject.labels:
-            lab = io.load_volume(subject.labels, what="label map")
-            io.check_same_grid(pha, lab, "phase", "label map")
-            names = stats.read_label_names(subject.label_names) if subject.label_names else {}
-            rows = stats.roi_table(res.chi, np.rint(lab.data).astype(np.int64), pha.voxel_size,
-                                   names, reference=reference)
-            stats.write_table(rows, paths["stats"], subject=subject.key)
-            written.append(paths["stats"])
-        qc_png(paths["qc"], combine_magnitude(mag.data), res, subject.key)
+                       extra={"units": {"chi": "ppm", "field": "ppm"}, "subject": subject.key,
+                              **report.pipeline_record(res.stages)})
+        # all derivatives are staged and move into place together (``io.OutputSet``): a
+        # subject that fails or is interrupted leaves none of them
+        with io.OutputSet() as outset:
+            for name in ("mask", "field_total", "field_local", "chi"):
+                data = getattr(res, name)
+                io.save_volume(outset.path(paths[name]), data, pha.affine, sidecar=meta,
+                               dtype=np.uint8 if data.dtype == bool else np.float32)
+            if subject.labels:
+                lab = io.load_volume(subject.labels, what="label map")
+                io.check_same_grid(pha, lab, "phase", "label map")
+                names = stats.read_label_names(subject.label_names) if subject.label_names else {}
+                rows = stats.roi_table(res.chi, stats.label_map(lab.data, subject.labels),
+                                       pha.voxel_size, names, reference=reference)
+                stats.write_table(rows, outset.path(paths["stats"]), subject=subject.key)
+            qc_png(outset.path(paths["qc"]), combine_magnitude(mag.data), res, subject.key)
         return {"subject": subject.key, "status": "ok", "seconds": time.perf_counter() - t0,
                 "outputs": paths}
     except Exception as err:  # bad input, or a bug or resource problem: report, keep going
-        for path in written:
-            if path and os.path.exists(path):
-                os.remove(path)
         if isinstance(err, QSMInputError):
             reason = str(err)
         else:
@@ -242,9 +265,22 @@ def make_client(workers=None, memory_limit="auto", scheduler=None, device="cpu")
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
-        raise QSMInputError("qsmkit batch needs Dask: pip install 'qsmkit[batch]'") from None
+        raise QSMInputError("qsmkit batch needs Dask: pip install 'dask[distributed]' (or "
+                            "pip install -e '.[batch]' in the qsmkit checkout)") from None
+    if memory_limit not in (None, "auto"):
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(memory_limit)
+        except (ValueError, TypeError):
+            raise QSMInputError(f"--memory-limit {memory_limit!r} is not a size such as 4GB or "
+                                "500MB") from None
     if scheduler:
-        return Client(scheduler)
+        try:
+            return Client(scheduler, timeout=30)
+        except (OSError, ValueError, TypeError) as err:
+            raise QSMInputError(f"cannot reach the Dask scheduler {scheduler} ("
+                                f"{' '.join(str(err).split())[:200]})") from None
     if device == "gpu":
         try:
             from dask_cuda import LocalCUDACluster  # one worker pinned to each GPU
@@ -252,60 +288,125 @@ def make_client(workers=None, memory_limit="auto", scheduler=None, device="cpu")
             raise QSMInputError("--device gpu with local workers needs dask-cuda "
                                 "(pip install dask-cuda), or give --scheduler") from None
         return Client(LocalCUDACluster(memory_limit=memory_limit))
+    import dask
+
     n = workers or max(1, (os.cpu_count() or 2) // 2)
-    # threads_per_worker=1: each subject's FFTs already use the worker's cores through scipy
-    return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               memory_limit=memory_limit, dashboard_address=None))
+    # threads_per_worker=1: each subject's FFTs already use the worker's cores through scipy;
+    # a subject whose worker dies (out of memory, a crash) is retried once on a fresh worker,
+    # then reported as failed (Dask's default is three retries); a worker is sent one subject
+    # at a time (saturation 1.0), so only the subject it was running is blamed for its death
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+                          "distributed.scheduler.worker-saturation": 1.0}):
+        return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                   memory_limit=memory_limit, dashboard_address=None))
+
+
+#: times a subject is retried after its worker process died
+ALLOWED_FAILURES = 1
+
+
+def _task_failure(subject, err, memory_limit) -> dict:
+    """The outcome of a subject whose task raised on the Dask side (its worker died)."""
+    name = type(err).__name__
+    if name == "KilledWorker":
+        reason = (f"the worker process died while processing it, {ALLOWED_FAILURES + 1} times "
+                  f"(out of memory - per-worker limit {memory_limit} - or a crash); "
+                  "try --memory-limit or fewer --workers")
+    else:
+        reason = f"{name}: {' '.join(str(err).split())[:300]}"
+    return {"subject": subject.key, "status": "failed", "error": reason, "seconds": 0.0}
 
 
 def run_batch(bids_root, out_root=None, participants=None, sessions=None, config=None,
               workers=None, memory_limit="auto", scheduler=None, force=False, reference=None,
-              progress=True):
+              progress=True, task=None):
     """Process every subject of a BIDS dataset; returns a summary dict (``done``, ``skipped``,
-    ``failed`` lists of subject keys, ``errors`` key -> reason, the group table path)."""
-    from tqdm import tqdm
+    ``failed`` lists of subject keys, ``errors`` key -> reason, ``bad_names`` path -> reason
+    for files skipped for their names, the group table path).
+
+    ``batch_summary.json`` is always written, also when the run is interrupted or the Dask
+    cluster fails (``interrupted`` then says so and ``not_run`` lists the subjects left).
+    ``task`` replaces ``process_subject`` (same signature), e.g. in tests.
+    """
+    from .errors import warn
+    from .pipeline import PipelineConfig
+    from .progress import Progress
 
     out_root = Path(out_root or Path(bids_root) / "derivatives" / "qsmkit")
-    subjects = find_subjects(bids_root, participants, sessions)
+    problems = []
+    subjects = find_subjects(bids_root, participants, sessions, problems=problems)
+    for path, reason in problems:
+        warn(f"skipped: {reason}", path)
     if not subjects:
         raise QSMInputError("no *_part-mag_* / *_part-phase_* images found under sub-*/anat",
                             str(bids_root))
+    config = dict(config or {})
+    PipelineConfig(**config).resolved()  # method names and every parameter, before any work
     out_root.mkdir(parents=True, exist_ok=True)
     write_dataset_description(out_root, bids_root)
-    config = dict(config or {})
     todo = [s for s in subjects if force or not is_complete(out_root, s)]
     skipped = [s.key for s in subjects if s not in todo]
-    results = []
-    if todo:
-        from dask.distributed import as_completed
+    results, interrupted = [], None
+    try:
+        if todo:
+            _run_tasks(results, todo, out_root, config, reference, workers, memory_limit,
+                                 scheduler, progress, task or process_subject, Progress)
+    except BaseException as err:  # Ctrl-C, SIGTERM, a cluster that went away: still summarise
+        interrupted = f"{type(err).__name__}: {' '.join(str(err).split())}".rstrip(": ")
+        raise
+    finally:
+        summary = _summary(out_root, subjects, todo, skipped, results, problems, config,
+                           interrupted)
+    return summary
 
-        client = make_client(workers, memory_limit, scheduler, config.get("device", "cpu"))
-        try:
-            futures = [client.submit(process_subject, s, str(out_root), config, reference,
-                                     key=f"qsmkit-{s.key}-{time.time_ns()}", pure=False)
-                       for s in todo]
-            with tqdm(total=len(futures), desc="qsmkit batch", unit="subject",
-                      disable=not progress) as bar:
-                for fut in as_completed(futures):
+
+def _run_tasks(results, todo, out_root, config, reference, workers, memory_limit, scheduler,
+               progress, task, progress_class) -> None:
+    """One Dask task per subject; a task that fails on the Dask side (a killed worker) gives
+    a failed outcome for its subject, the others go on. Outcomes are appended to ``results``
+    as they come, so an interrupted run still reports the finished ones."""
+    from dask.distributed import as_completed
+
+    client = make_client(workers, memory_limit, scheduler, config.get("device", "cpu"))
+    try:
+        futures = {client.submit(task, s, str(out_root), config, reference,
+                                 key=f"qsmkit-{s.key}-{time.time_ns()}", pure=False): s
+                   for s in todo}
+        # a bar on a terminal, plain lines in a log (qsmkit.progress)
+        with progress_class(len(futures), not progress, "qsmkit batch", "subject") as bar:
+            for fut in as_completed(futures):
+                try:
                     r = fut.result()
-                    results.append(r)
-                    bar.set_postfix_str(f"{r['subject']} {r['status']}")
-                    bar.update()
-        finally:
-            cluster = getattr(client, "cluster", None)
-            client.close()
-            if cluster is not None and not scheduler:
-                cluster.close()
+                except Exception as err:  # KilledWorker (OOM, segfault) and the like
+                    r = _task_failure(futures[fut], err, memory_limit)
+                results.append(r)
+                bar(f"{r['subject']} {r['status']}", len(results))
+    finally:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None and not scheduler:
+            cluster.close()
+
+
+def _summary(out_root, subjects, todo, skipped, results, problems, config, interrupted):
+    from .io import write_json
+
     failed = {r["subject"]: r["error"] for r in results if r["status"] != "ok"}
+    finished = {r["subject"] for r in results}
     summary = {
         "done": sorted(r["subject"] for r in results if r["status"] == "ok"),
         "skipped": skipped, "failed": sorted(failed), "errors": failed,
-        "group_table": group_table(out_root, subjects), "out": str(out_root),
+        "bad_names": dict(problems),
+        "group_table": None, "out": str(out_root),
         "seconds": {r["subject"]: round(r["seconds"], 2) for r in results},
         "config": config,
     }
-    from .io import write_json
-
+    if interrupted:
+        summary["interrupted"] = interrupted
+        summary["not_run"] = sorted(s.key for s in todo if s.key not in finished)
+    try:
+        summary["group_table"] = group_table(out_root, subjects)
+    except Exception as err:  # a summary is still written
+        summary["group_table_error"] = str(err)
     write_json(out_root / "batch_summary.json", summary)
     return summary
-

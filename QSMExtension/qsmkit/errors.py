@@ -13,3 +13,17 @@ class QSMInputError(ValueError):
             message = f"{path}: {message}"
         super().__init__(message)
         self.path = path
+
+
+class QSMWarning(UserWarning):
+    """An input that is unusual but possible (a long TE, a low B0, range-scaled phase).
+
+    The command line prints it as one line ``qsmkit: warning: <message>`` on stderr."""
+
+
+def warn(message, path=None) -> None:
+    """Issue a one-line :class:`QSMWarning` (``path:`` first when given)."""
+    import warnings
+
+    message = " ".join(str(message).split())
+    warnings.warn(f"{path}: {message}" if path is not None else message, QSMWarning, stacklevel=3)

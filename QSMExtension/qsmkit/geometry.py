@@ -30,6 +30,36 @@ def direction_matrix(affine) -> np.ndarray:
     return m / voxel_size(affine)
 
 
+#: largest deviation (degrees) from 90 degrees allowed between two voxel axes: the dipole kernel
+#: assumes orthogonal axes; float32 rounding in NIfTI headers stays far below this
+SHEAR_TOLERANCE_DEG = 0.5
+
+
+def shear_deg(affine) -> tuple:
+    """The largest deviation from 90 degrees between two voxel axes, and that pair of axes."""
+    r = direction_matrix(affine)
+    worst, pair = 0.0, (0, 1)
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        cos = float(np.clip(abs(r[:, i] @ r[:, j]), 0.0, 1.0))
+        dev = 90.0 - float(np.degrees(np.arccos(cos)))
+        if dev > worst:
+            worst, pair = dev, (i, j)
+    return worst, pair
+
+
+def check_orthogonal(affine, path=None, what="image") -> None:
+    """Refuse an affine whose voxel axes are sheared by more than ``SHEAR_TOLERANCE_DEG``."""
+    vox = voxel_size(affine)
+    if not np.all(np.isfinite(vox)) or np.any(vox <= 0):
+        raise QSMInputError(f"{what} affine has a zero or invalid voxel size {vox}", path)
+    dev, (i, j) = shear_deg(affine)
+    if dev > SHEAR_TOLERANCE_DEG:
+        raise QSMInputError(
+            f"{what} has sheared voxel axes ({i + 1} and {j + 1} meet at {90 - dev:.2f} degrees, "
+            f"tolerance {SHEAR_TOLERANCE_DEG:g} degrees from 90): the dipole kernel needs "
+            "orthogonal axes; resample the image onto an orthogonal grid first", path)
+
+
 def b0_direction(affine, b0_world=None) -> np.ndarray:
     """B0 as a unit vector in voxel axes (one component per array axis).
 
@@ -105,3 +135,26 @@ def affine_for_b0(voxel=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), shape=None) -> 
         centre = (np.asarray(shape[:3], dtype=float) - 1) / 2
         a[:3, 3] = -a[:3, :3] @ centre
     return a
+
+
+class VoxelGrid:
+    """Geometry read off ``data`` (voxel axes first) and ``affine`` (voxel to RAS+ mm), shared
+    by every array-with-affine container (files in ``io``, Slicer nodes in ``slicer_adapter``).
+    Here, not in ``io``, so that the Slicer side imports it without nibabel."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def shape3(self) -> tuple:
+        """Shape of the three spatial axes."""
+        return tuple(int(n) for n in self.data.shape[:3])
+
+    @property
+    def voxel_size(self) -> np.ndarray:
+        """Voxel size (mm) along each of the three voxel axes."""
+        return voxel_size(self.affine)
+
+    def b0_dir(self, b0_world=None) -> np.ndarray:
+        """B0 as a unit vector in voxel axes; ``b0_world`` (world coordinates) overrides z."""
+        return b0_direction(self.affine, b0_world)

@@ -12,10 +12,18 @@ one-line message naming the file.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import os
 import re
+import shutil
+import signal
+import socket
 import tempfile
+import threading
+import time
+import zlib
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -24,34 +32,13 @@ import numpy as np
 from . import geometry
 from .backend import to_numpy
 from .errors import QSMInputError
+from .geometry import VoxelGrid  # re-exported: io.VoxelGrid
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: NIfTI xform code for "scanner anatomical" coordinates
 _XFORM_SCANNER = 1
 #: RAS <-> LPS: flip the first two world axes
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class VoxelGrid:
-    """Geometry read off ``data`` (voxel axes first) and ``affine`` (voxel to RAS+ mm), shared
-    by every array-with-affine container (files here, Slicer nodes in ``slicer_adapter``)."""
-
-    data: np.ndarray
-    affine: np.ndarray
-
-    @property
-    def shape3(self) -> tuple:
-        """Shape of the three spatial axes."""
-        return tuple(int(n) for n in self.data.shape[:3])
-
-    @property
-    def voxel_size(self) -> np.ndarray:
-        """Voxel size (mm) along each of the three voxel axes."""
-        return geometry.voxel_size(self.affine)
-
-    def b0_dir(self, b0_world=None) -> np.ndarray:
-        """B0 as a unit vector in voxel axes; ``b0_world`` (world coordinates) overrides z."""
-        return geometry.b0_direction(self.affine, b0_world)
 
 
 @dataclass
@@ -162,6 +149,232 @@ def read_sidecar(path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
+
+# ----------------------------------------------------------------------------- size guards
+
+#: environment variable overriding the ceiling on the bytes an image header may claim (GB)
+MAX_IMAGE_GB_ENV = "QSMKIT_MAX_IMAGE_GB"
+#: deflate cannot compress better than about 1032:1, so a gzip stream of n bytes holds at
+#: most this many times n bytes (plus a small slack for headers)
+_DEFLATE_MAX_RATIO = 1032
+_GZIP_CHUNK = 1 << 24
+
+
+def max_image_bytes() -> int:
+    """The ceiling on the voxel data one image may claim: ``$QSMKIT_MAX_IMAGE_GB`` (GB, 1e9
+    bytes) when set, else half the machine's physical memory (16 GB where it cannot be read)."""
+    env = os.environ.get(MAX_IMAGE_GB_ENV, "").strip()
+    if env:
+        try:
+            gb = float(env)
+        except ValueError:
+            gb = float("nan")
+        if not np.isfinite(gb) or gb <= 0:
+            raise QSMInputError(f"{MAX_IMAGE_GB_ENV} must be a positive number of GB, got {env!r}")
+        return int(gb * 1e9)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return 16 * 10**9
+
+
+def _gb(n) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n:,} bytes"
+
+
+def check_claim(path, shape, itemsize, what) -> int:
+    """Refuse a header claim (or a requested array) above the ceiling; returns its bytes."""
+    shape = tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise QSMInputError(f"cannot read {what} (header gives a negative size {shape})", path)
+    claimed = int(np.prod([float(n) for n in shape]) * itemsize)
+    ceiling = max_image_bytes()
+    if claimed > ceiling:
+        raise QSMInputError(
+            f"{'header claims' if path is not None else what + ' needs'} "
+            f"{'x'.join(map(str, shape))} voxels of {itemsize} bytes "
+            f"({_gb(claimed)}), above the ceiling of {_gb(ceiling)} (half the memory; set "
+            f"{MAX_IMAGE_GB_ENV} to change it)", path)
+    return claimed
+
+
+def _short_data(path, holds, claimed, how):
+    return QSMInputError(f"file {how} {_gb(holds)} of voxel data but its header claims "
+                         f"{_gb(claimed)}: truncated file or corrupt header", path)
+
+
+def _gzip_holds_at_least(path, need, start=0, raw_zlib=False) -> None:
+    """Refuse a compressed stream (from byte ``start``) that cannot hold ``need`` bytes: first
+    the deflate ratio bound (no reading), then the gzip size trailer, then a bounded read that
+    counts decompressed bytes in chunks (memory stays at one chunk)."""
+    size = os.path.getsize(path) - start
+    if need > _DEFLATE_MAX_RATIO * size + 4096:
+        raise _short_data(path, _DEFLATE_MAX_RATIO * size, need, "can hold at most")
+    if not raw_zlib and start == 0 and size >= 18:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if int.from_bytes(f.read(4), "little") == need % 2**32:
+                return  # the trailer agrees (single-member gzip)
+    total = 0
+    try:
+        with open(path, "rb") as raw:
+            raw.seek(start)
+            if raw_zlib:
+                dec = zlib.decompressobj()
+                while total < need:
+                    chunk = raw.read(_GZIP_CHUNK // 64)
+                    if not chunk:
+                        break
+                    total += len(dec.decompress(chunk, need - total + 1))
+                    while dec.unconsumed_tail and total < need:
+                        total += len(dec.decompress(dec.unconsumed_tail, need - total + 1))
+            else:
+                with gzip.GzipFile(fileobj=raw) as f:
+                    while total < need:
+                        chunk = f.read(min(_GZIP_CHUNK, need - total))
+                        if not chunk:
+                            break
+                        total += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise QSMInputError(f"cannot read (compressed data damaged or truncated: "
+                            f"{_short_reason(exc)})", path) from exc
+    if total < need:
+        raise _short_data(path, total, need, "holds")
+
+
+def _guard_nifti(path, what) -> None:
+    img = nib.load(path, mmap=False)  # header only; the data are read later
+    hdr = img.header
+    claimed = check_claim(path, hdr.get_data_shape(), hdr.get_data_dtype().itemsize, what)
+    need = int(hdr.get_data_offset()) + claimed
+    if path.lower().endswith(".gz"):
+        _gzip_holds_at_least(path, need)
+    elif os.path.getsize(path) < need:
+        raise _short_data(path, max(0, os.path.getsize(path) - int(hdr.get_data_offset())),
+                          claimed, "holds")
+
+
+_NRRD_TYPES = {"int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
+               "int64": 8, "uint64": 8, "float": 4, "double": 8, "signed char": 1, "uchar": 1,
+               "unsigned char": 1, "short": 2, "ushort": 2, "unsigned short": 2, "int": 4,
+               "uint": 4, "unsigned int": 4, "longlong": 8, "ulonglong": 8, "block": 1}
+_MET_TYPES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+              "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8,
+              "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _header_lines(path, limit=1 << 16):
+    """The text lines of a NRRD / MetaImage header and the byte offset just after it."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    lines, pos = [], 0
+    for raw in head.split(b"\n"):
+        end = pos + len(raw) + 1
+        text = raw.decode("latin-1").strip()
+        if path.lower().endswith((".nrrd", ".nhdr")) and not text and lines:
+            return lines, end  # NRRD: a blank line ends the header
+        lines.append(text)
+        pos = end
+        if text.lower().replace(" ", "").startswith("elementdatafile="):
+            return lines, end  # MetaImage: the ElementDataFile line ends the header
+    return lines, min(pos, len(head))
+
+
+def _guard_nrrd(path, what) -> None:
+    lines, offset = _header_lines(path)
+    if not lines or not lines[0].startswith("NRRD"):
+        return  # not a NRRD: SimpleITK reports it
+    fields = {}
+    for ln in lines[1:]:
+        if ":" in ln and not ln.startswith("#"):
+            key, _, value = ln.partition(":")
+            fields[key.strip().lower()] = value.lstrip("=").strip()
+    try:
+        sizes = [int(v) for v in fields["sizes"].split()]
+        itemsize = _NRRD_TYPES[fields["type"].lower()]
+    except (KeyError, ValueError):
+        return  # SimpleITK gives the reason
+    if fields.get("type", "").lower() == "block":
+        itemsize = int(fields.get("blocksize", 1) or 1)
+    claimed = check_claim(path, sizes, itemsize, what)
+    data_file = fields.get("data file", fields.get("datafile"))
+    if data_file:
+        if data_file.startswith("LIST") or "%" in data_file:
+            return  # several data files: the ceiling is the check
+        source, offset = os.path.join(os.path.dirname(path), data_file), 0
+        if not os.path.isfile(source):
+            raise QSMInputError(f"cannot read {what} (its data file {data_file} is missing)", path)
+    else:
+        source = path
+    encoding = fields.get("encoding", "raw").lower()
+    skip = int(fields.get("byte skip", fields.get("byteskip", 0)) or 0)
+    if encoding == "raw":
+        holds = os.path.getsize(source) - offset - max(skip, 0)
+        if holds < claimed:
+            raise _short_data(path, max(holds, 0), claimed, "holds")
+    elif encoding in ("gzip", "gz"):
+        _gzip_holds_at_least(source, claimed, start=offset)
+    elif encoding in ("ascii", "text", "txt", "hex"):  # at least one character per value
+        holds = os.path.getsize(source) - offset
+        if holds < claimed // itemsize:
+            raise _short_data(path, holds, claimed, "holds")
+
+
+def _guard_metaimage(path, what) -> None:
+    lines, offset = _header_lines(path)
+    fields = {}
+    for ln in lines:
+        key, sep, value = ln.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    try:
+        sizes = [int(v) for v in fields["dimsize"].split()]
+        itemsize = _MET_TYPES[fields["elementtype"].upper()]
+        itemsize *= int(fields.get("elementnumberofchannels", 1))
+    except (KeyError, ValueError):
+        return
+    claimed = check_claim(path, sizes, itemsize, what)
+    data_file = fields.get("elementdatafile", "LOCAL")
+    if data_file.upper() != "LOCAL":
+        if data_file.upper().startswith("LIST") or "%" in data_file:
+            return
+        source, offset = os.path.join(os.path.dirname(path), data_file), 0
+        if not os.path.isfile(source):
+            raise QSMInputError(f"cannot read {what} (its data file {data_file} is missing)", path)
+    else:
+        source = path
+    if fields.get("compresseddata", "false").lower() == "true":
+        _gzip_holds_at_least(source, claimed, start=offset, raw_zlib=True)
+    elif os.path.getsize(source) - offset < claimed:
+        raise _short_data(path, max(os.path.getsize(source) - offset, 0), claimed, "holds")
+
+
+def _guard_sitk(path, what) -> None:
+    """Any other SimpleITK format: the claimed size against the ceiling (header only)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    itemsize = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
+                                                              reader.GetPixelID())).dtype).itemsize
+    check_claim(path, [*reader.GetSize(), reader.GetNumberOfComponents()], itemsize, what)
+
+
+def check_image_size(path, what="image") -> None:
+    """Before reading: the size the header claims against the file (uncompressed), a bounded
+    read (compressed) and the ceiling ``max_image_bytes``, so memory follows the data and not
+    the header. Raises :class:`QSMInputError` naming the file."""
+    low = path.lower()
+    if _is_nifti(path):
+        _guard_nifti(path, what)
+    elif low.endswith((".nrrd", ".nhdr")):
+        _guard_nrrd(path, what)
+    elif low.endswith((".mha", ".mhd")):
+        _guard_metaimage(path, what)
+    else:
+        _guard_sitk(path, what)
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -243,7 +456,8 @@ def _load_sitk(path: str, what: str):
     return _native(np.ascontiguousarray(arr)), _sitk_affine(img), meta
 
 
-def load_volume(path, *, dtype=None, what="image") -> Volume:
+def load_volume(path, *, dtype=None, what="image", allow_complex=True,
+                allow_shear=False) -> Volume:
     """Load a NIfTI (nibabel) or any SimpleITK-readable image as a :class:`Volume`.
 
     ``dtype=None`` keeps integer voxel types (raw vendor phase stays integer so
@@ -253,6 +467,12 @@ def load_volume(path, *, dtype=None, what="image") -> Volume:
     and complex64 for complex data; ``dtype`` given casts (floats to integers are
     rounded; bool gives nonzero voxels).
     A dcm2niix-style JSON sidecar beside the file is loaded into ``meta``.
+
+    Before any voxel is read, the size the header claims is checked against the file and
+    the ceiling (``check_image_size``). Complex data are refused when ``allow_complex`` is
+    False (inputs that must be real: masks, fields, magnitudes), and voxel axes sheared
+    beyond ``geometry.SHEAR_TOLERANCE_DEG`` unless ``allow_shear`` (ROI statistics, where no
+    dipole kernel is used).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -260,6 +480,7 @@ def load_volume(path, *, dtype=None, what="image") -> Volume:
     if os.path.isdir(path):
         raise QSMInputError(f"cannot read {what} (is a directory)", path=path)
     try:
+        check_image_size(path, what)
         if _is_nifti(path):
             data, affine, meta = _load_nifti(path, what)
         else:
@@ -267,13 +488,18 @@ def load_volume(path, *, dtype=None, what="image") -> Volume:
         data = _default_dtype(data)
     except QSMInputError:
         raise
-    except MemoryError:
-        raise
+    except MemoryError as exc:
+        raise MemoryError(f"{path}: not enough memory to read {what}") from exc
     except Exception as exc:
         raise QSMInputError(f"cannot read {what} ({_short_reason(exc)})", path=path) from exc
     _check_ndim(data, path, what)
     if not np.all(np.isfinite(affine)):
         raise QSMInputError(f"cannot read {what} (affine has non-finite values)", path=path)
+    if np.iscomplexobj(data) and not allow_complex:
+        raise QSMInputError(f"{what} is complex-valued ({data.dtype}); give real values "
+                            "(magnitude, or phase in rad)", path=path)
+    if not allow_shear:
+        geometry.check_orthogonal(affine, path, what)
     if dtype is not None:
         data = _cast(data, dtype)
     side = read_sidecar(path)
@@ -284,10 +510,76 @@ def load_volume(path, *, dtype=None, what="image") -> Volume:
 # ----------------------------------------------------------------------------- writing
 
 
+#: every temporary name starts with this, then the host and process id, so a later run can
+#: tell a dead run's leftovers (removed) from a live run's (kept)
+TEMP_PREFIX = ".tmp-qsmkit-"
+_STALE_SECONDS = 24 * 3600
+_TEMP_NAME = re.compile(r"^\.tmp-qsmkit-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-")
+_OLD_TEMP_NAME = re.compile(r"^\.tmp-[a-z0-9_]{8}-.+")  # temporary files of qsmkit <= 0.x
+_cleaned: set = set()
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname() or "host")[:40]
+
+
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale_temp(folder) -> list:
+    """Remove temporary files and folders that interrupted or killed runs left in ``folder``:
+    those of a process of this host that no longer runs, and any older than a day. Returns
+    the removed paths."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now, host = time.time(), _host()
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if not m and not _OLD_TEMP_NAME.match(entry.name):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        dead = m is not None and m["host"] == host and not _pid_alive(int(m["pid"]))
+        if dead or age > _STALE_SECONDS or (m is None and age > 3600):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.remove(entry.path)
+                removed.append(entry.path)
+            except OSError:
+                pass
+    return removed
+
+
+def _clean_once(folder) -> None:
+    key = os.path.abspath(folder)
+    if key not in _cleaned:
+        _cleaned.add(key)
+        clean_stale_temp(key)
+
+
 def _temp_path(path: str) -> str:
     """Create an empty temporary file beside ``path`` whose name keeps the real extension."""
     d, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=d)
+    _clean_once(d)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), suffix="-" + name, dir=d)
     os.close(fd)
     return tmp
 
@@ -298,15 +590,20 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str, writer) -> str:
-    """Run ``writer(tmp_path)`` then rename over ``path``; on failure leave nothing behind."""
-    path = os.fspath(path)
+def _make_parent(path: str) -> str:
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as exc:
         reason = _short_reason(exc)
         raise QSMInputError(f"cannot create output folder ({reason})", path=path) from exc
+    return parent
+
+
+def atomic_write(path: str, writer) -> str:
+    """Run ``writer(tmp_path)`` then rename over ``path``; on failure leave nothing behind."""
+    path = os.fspath(path)
+    _make_parent(path)
     if os.path.isdir(path):
         raise QSMInputError("cannot write: a folder of that name exists", path=path)
     try:
@@ -326,6 +623,179 @@ def atomic_write(path: str, writer) -> str:
             raise
         raise QSMInputError(f"cannot write ({_short_reason(exc)})", path=path) from exc
     return path
+
+
+def _atomic_write_detached(path: str, writer) -> str:
+    """``atomic_write`` for formats with a separate data file (``.nhdr``, ``.mhd``): the
+    writer writes ``path``'s name inside a temporary folder beside it, whose files (header
+    and data file, under their final names) are then moved beside ``path``."""
+    path = os.fspath(path)
+    parent = _make_parent(path)
+    _clean_once(parent)
+    try:
+        stage = tempfile.mkdtemp(prefix=_temp_prefix(), dir=parent)
+    except OSError as exc:
+        raise QSMInputError(f"cannot write ({_short_reason(exc)})", path=path) from exc
+    try:
+        writer(os.path.join(stage, os.path.basename(path)))
+        names = sorted(os.listdir(stage), key=lambda n: n == os.path.basename(path))
+        for name in names:  # the data file first, the header last
+            os.chmod(os.path.join(stage, name), 0o666 & ~_umask())
+            os.replace(os.path.join(stage, name), os.path.join(parent, name))
+    except Exception as exc:
+        if isinstance(exc, QSMInputError):
+            raise
+        raise QSMInputError(f"cannot write ({_short_reason(exc)})", path=path) from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return path
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold off SIGINT and SIGTERM (main thread only) while a few renames run; a signal that
+    arrives meanwhile is delivered afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    sigs = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    old = {}
+    try:
+        for sig in sigs:
+            old[sig] = signal.signal(sig, lambda num, frame: pending.append((num, frame)))
+    except ValueError:  # pragma: no cover - not the main interpreter thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for num, frame in pending[:1]:  # deliver it now, to the handler it was meant for
+            handler = old.get(num)
+            if callable(handler):
+                handler(num, frame)
+            elif handler != signal.SIG_IGN:
+                os.kill(os.getpid(), num)
+
+
+class OutputSet:
+    """A command's outputs, written as one set.
+
+    ``path(target)`` gives where to write each file: a staging folder beside the target
+    (``.tmp-qsmkit-HOST-PID-*``; sidecars written beside a staged file go with it). Leaving
+    the ``with`` block normally moves every staged file into place with SIGINT/SIGTERM held
+    off, and a failed move restores the files it replaced, so the target holds the whole new
+    set or the whole old set, never a mix. Leaving it by an exception (a bad input, Ctrl-C,
+    SIGTERM) removes the staging folders and leaves the targets as they were. Folders left by
+    a killed run (SIGKILL, power loss) are removed by a later run (``clean_stale_temp``).
+    """
+
+    def __init__(self):
+        self._stage = {}  # target folder -> staging folder
+
+    def path(self, target) -> str:
+        target = os.path.abspath(os.fspath(target))
+        folder, name = os.path.split(target)
+        if folder not in self._stage:
+            _make_parent(target)
+            _clean_once(folder)
+            try:
+                self._stage[folder] = tempfile.mkdtemp(prefix=_temp_prefix(), dir=folder)
+            except OSError as exc:
+                raise QSMInputError(f"cannot write ({_short_reason(exc)})", path=target) from exc
+        if os.path.isdir(target):
+            raise QSMInputError("cannot write: a folder of that name exists", path=target)
+        return os.path.join(self._stage[folder], name)
+
+    def staged(self) -> list:
+        """(staged file, target) pairs written so far."""
+        pairs = []
+        for folder, stage in self._stage.items():
+            for name in sorted(os.listdir(stage)):
+                if os.path.isfile(os.path.join(stage, name)) and not name.startswith(".tmp-"):
+                    pairs.append((os.path.join(stage, name), os.path.join(folder, name)))
+        return pairs
+
+    def commit(self) -> list:
+        """Move every staged file into place (all or nothing); returns the targets."""
+        pairs = self.staged()
+        done = []  # (target, backup or None)
+        with _signals_held():
+            try:
+                for src, dst in pairs:
+                    backup = None
+                    if os.path.lexists(dst):
+                        backup = os.path.join(os.path.dirname(src), ".old-" + os.path.basename(dst))
+                        os.replace(dst, backup)
+                    done.append((dst, backup))
+                    os.replace(src, dst)
+            except OSError as exc:
+                for dst, backup in reversed(done):
+                    with contextlib.suppress(OSError):
+                        if backup:
+                            os.replace(backup, dst)
+                        else:
+                            os.remove(dst)
+                self.discard()
+                raise QSMInputError(f"cannot move the outputs into place "
+                                    f"({_short_reason(exc)}); the old files are kept",
+                                    dst) from exc
+            self.discard()
+        return [dst for _, dst in pairs]
+
+    def discard(self) -> None:
+        for stage in self._stage.values():
+            shutil.rmtree(stage, ignore_errors=True)
+        self._stage = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
+
+
+_TABLE_SUFFIXES = (".json", ".csv", ".tsv", ".png", ".txt")
+
+
+def _realpath(p) -> str:
+    return os.path.realpath(os.fspath(p))
+
+
+def check_outputs(outputs, inputs, sidecars=True) -> None:
+    """Refuse, before any work, a command whose outputs would overwrite one of its inputs or an
+    input's JSON sidecar (TE and B0 may live there), or would write one file twice.
+
+    ``outputs``: every file the command writes; with ``sidecars`` each image output's sidecar
+    (``sidecar_path``) counts too. ``inputs``: the input files (None entries ignored)."""
+    protected = {}
+    for p in inputs:
+        if not p:
+            continue
+        protected.setdefault(_realpath(p), f"input {p}")
+        if not str(p).lower().endswith(_TABLE_SUFFIXES):
+            protected.setdefault(_realpath(sidecar_path(p)), f"the JSON sidecar of input {p}")
+    seen = {}
+    for out in outputs:
+        if not out:
+            continue
+        written = [out]
+        if sidecars and not str(out).lower().endswith(_TABLE_SUFFIXES):
+            written.append(sidecar_path(out))
+        for w in written:
+            real = _realpath(w)
+            if real in protected:
+                what = protected[real]
+                raise QSMInputError(f"output would overwrite {what}" if w == out else
+                                    f"output's JSON sidecar {w} would overwrite {what}", out)
+            if real in seen and seen[real] != out:
+                raise QSMInputError(f"outputs {seen[real]} and {out} would both write {w}", out)
+            seen[real] = out
 
 
 def _to_jsonable(obj):
@@ -443,7 +913,10 @@ def save_volume(path, data, affine, *, sidecar: dict | None = None, dtype=np.flo
     if sidecar_path(path) == path and sidecar is not None:
         raise QSMInputError("cannot write: image path and JSON sidecar path coincide", path=path)
     writer = _nifti_writer(out, affine) if _is_nifti(path) else _sitk_writer(path, out, affine)
-    atomic_write(path, writer)
+    if path.lower().endswith((".nhdr", ".mhd")):  # header + separate data file
+        _atomic_write_detached(path, writer)
+    else:
+        atomic_write(path, writer)
     if sidecar is not None:
         write_json(sidecar_path(path), sidecar)
     return path
@@ -481,7 +954,7 @@ def check_same_grid(a: Volume, b: Volume, what_a="magnitude", what_b="phase") ->
     )
 
 
-def load_echoes(paths, what="phase") -> Volume:
+def load_echoes(paths, what="phase", allow_complex=True) -> Volume:
     """Load one or more files as a multi-echo volume with echoes in the 4th axis.
 
     A single file is returned as is (3-D stays 3-D, a 4-D file holds the echoes in its
@@ -497,7 +970,7 @@ def load_echoes(paths, what="phase") -> Volume:
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise QSMInputError(f"no {what} files given")
-    vols = [load_volume(p, what=what) for p in paths]
+    vols = [load_volume(p, what=what, allow_complex=allow_complex) for p in paths]
     first = vols[0]
     if len(vols) == 1:
         return first
@@ -537,51 +1010,103 @@ __all__ = [
 ]
 
 
-def load_gre(magnitude_paths, phase_paths, te=None, b0=None):
+def load_gre(magnitude_paths, phase_paths, te=None, b0=None, allow_nan=False):
     """A gradient-echo acquisition: magnitude and phase (one 4-D file or one file per echo),
     checked against each other, with the echo times (s) and field strength (T) given or read
-    from the dcm2niix/BIDS JSON sidecars (``EchoTime``, ``MagneticFieldStrength``).
+    from the dcm2niix/BIDS JSON sidecars (``EchoTime``, ``MagneticFieldStrength``), each
+    checked against its physical range (``units.check_te``, ``units.check_b0``).
+    With ``allow_nan`` NaN/Inf voxels are kept for ``fill_outside_mask`` to judge.
 
     Returns (magnitude Volume, phase Volume, te list, b0)."""
     from . import units
 
-    mag = load_echoes(magnitude_paths, what="magnitude")
-    pha = load_echoes(phase_paths, what="phase")
+    mag = load_echoes(magnitude_paths, what="magnitude", allow_complex=False)
+    pha = load_echoes(phase_paths, what="phase", allow_complex=False)
     check_same_grid(mag, pha, "magnitude", "phase")
     if mag.data.shape != pha.data.shape:
         raise QSMInputError(f"{magnitude_paths[0]}: magnitude shape {mag.data.shape} does not "
                             f"match phase shape {pha.data.shape} ({phase_paths[0]})")
-    require_finite(mag.data, magnitude_paths[0], "magnitude")
-    require_finite(pha.data, phase_paths[0], "phase")
+    if not allow_nan:
+        require_finite(mag.data, magnitude_paths[0], "magnitude")
+        require_finite(pha.data, phase_paths[0], "phase")
     n_echoes = 1 if pha.data.ndim == 3 else pha.data.shape[3]
     # dcm2niix/BIDS keys, or the "te"/"b0" of a sidecar that qsmkit itself wrote (simulate, combine)
     own = pha.meta.get("software") == "qsmkit"
+    te_name = "--te" if te is not None else "EchoTime in the JSON sidecar"
     te = te if te is not None else pha.meta.get("EchoTime", pha.meta.get("te") if own else None)
     if te is None:
-        raise QSMInputError(f"{phase_paths[0]}: missing echo time; give --te SECONDS (one per echo)")
-    te = list(np.atleast_1d(te).astype(float))
+        raise QSMInputError(f"{phase_paths[0]}: missing echo time: its JSON sidecar has no EchoTime (s); "
+                            "add it there, or give --te SECONDS (one per echo)")
+    try:
+        te = list(np.atleast_1d(np.asarray(te, dtype=float)))
+    except (TypeError, ValueError):
+        raise QSMInputError(f"{te_name} is not a number or list of numbers: {te!r}",
+                            phase_paths[0]) from None
     if len(te) != n_echoes:
         raise QSMInputError(f"{phase_paths[0]}: {n_echoes} echo(es) but {len(te)} echo time(s) given")
-    units.check_positive("--te", te)
+    te = units.check_te(te, te_name, None if te_name == "--te" else phase_paths[0])
+    b0_name = "--b0" if b0 is not None else "the field strength in the JSON sidecar"
     if b0 is None and own and "MagneticFieldStrength" not in pha.meta and "b0" in pha.meta:
         b0 = pha.meta["b0"]
     if b0 is None:
-        from .scanner import b0_from_sidecar
+        from .vendor import b0_from_sidecar
 
         # the field the phase evolved in (ImagingFrequency / gamma) when the sidecar has it
         b0, _source = b0_from_sidecar(pha.meta, phase_paths[0])
-    units.check_positive("--b0", b0)
+    b0 = units.check_b0(b0, b0_name, None if b0_name == "--b0" else phase_paths[0])
     return mag, pha, te, float(b0)
 
 
-def phase_in_rad(volume: Volume, path) -> np.ndarray:
-    """The phase of ``volume`` in radians: the vendor's scaling when its sidecar names the
-    manufacturer (``qsmkit.scanner.phase_to_rad``: strict ranges), else the range-based
-    ``qsmkit.units.rescale_phase``."""
+def fill_outside_mask(data, mask, path, what="image"):
+    """NaN/Inf voxels inside ``mask`` are an error naming ``path``; outside it they become 0
+    (vendor maps are often NaN outside the head). ``mask`` is 3-D; ``data`` 3-D or more
+    (echoes, channels in the trailing axes). Returns float data (a copy when filled)."""
+    a = np.asarray(data)
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating)):
+        return a
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return a
+    m = np.asarray(mask, dtype=bool).reshape(mask.shape + (1,) * (a.ndim - 3))
+    n_in = int(np.count_nonzero(bad & m))
+    if n_in:
+        raise QSMInputError(f"{what} has {n_in} NaN/Inf voxels inside the mask", path)
+    return np.where(bad, a.dtype.type(0), a)
+
+
+def finite_in_mask(data, mask, path, what="image"):
+    """``require_finite`` without a mask; with one, ``fill_outside_mask`` (NaN/Inf outside it
+    become 0, inside they are an error): what every command does with its --mask."""
+    if mask is None:
+        require_finite(data, path, what)
+        return data
+    return fill_outside_mask(data, mask, path, what)
+
+
+def phase_in_rad(volume: Volume, path, scale=None, info=None) -> np.ndarray:
+    """The phase of ``volume`` in radians: ``scale`` (``--phase-scale``, the value standing
+    for pi) when given, else the vendor's scaling when its sidecar names the manufacturer
+    (``qsmkit.vendor.convert_phase``: metadata first, then a tolerant range), else
+    ``qsmkit.units.rescale_phase``, which refuses integer phase whose scale the data do not
+    reveal. The rule used goes into ``info`` (a dict, for the sidecar) and into
+    ``volume.meta["phase_convention"]``."""
     from . import units
 
-    if volume.meta.get("Manufacturer"):
-        from .scanner import phase_to_rad
+    info = {} if info is None else info
+    try:
+        if scale is None and volume.meta.get("Manufacturer"):
+            from .vendor import convert_phase
 
-        return phase_to_rad(volume.data, volume.meta, path)
-    return units.rescale_phase(volume.data)
+            rad, convention = convert_phase(volume.data, volume.meta, path)
+            info.update(rule=f"vendor convention ({volume.meta['Manufacturer']}, from the "
+                             "JSON sidecar)", convention=convention)
+            volume.meta["phase_convention"] = convention
+            return rad
+        rad = units.rescale_phase(volume.data, scale=scale, info=info)
+        volume.meta["phase_convention"] = {"name": "given scale" if scale is not None else "range",
+                                           "source": "units.rescale_phase", **info}
+        return rad
+    except QSMInputError as err:
+        if err.path is None and not str(err).startswith(str(path)):
+            raise QSMInputError(str(err), path) from None
+        raise

@@ -345,7 +345,7 @@ def surface_inside(shape, voxel_size, centre, radii, directions, depth=0.0, n_th
 
 @MASKING.register("surface", "BET-like deformable surface (Smith 2002), threshold near the edge")
 def mask_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, shell_mm=5.0, opening_mm=2.0,
-                 margin_mm=2.0, erode=0.0, smooth_mm=0.5, threshold=None):
+                 margin_mm=2.0, erode=0.0, smooth_mm=0.5, threshold=None, core_mm=7.5, regrow_mm=4.5):
     """Brain mask by a radial BET-like surface refined by a threshold (module docstring).
 
     Parameters
@@ -361,6 +361,8 @@ def mask_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, shell_mm=5.0
     erode : extra erosion (mm), as for ``threshold``.
     smooth_mm : Gaussian sigma (mm) of the magnitude before the surface fit and threshold.
     threshold : absolute threshold near the surface (default Otsu's).
+    core_mm, regrow_mm : opening radius and regrowth of :func:`brain_core`, which cuts the neck
+        and skull base off the brain (``core_mm=0`` skips it).
     """
     vox = tuple(float(v) for v in voxel_size)
     mag = _combined(magnitude)
@@ -378,7 +380,54 @@ def mask_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, shell_mm=5.0
     keep = ndimage.binary_fill_holes(largest_component(keep))
     if margin_mm > 0:
         keep = largest_component(erode_mm(keep, vox, margin_mm))
+    if core_mm > 0 and keep.any():
+        keep = brain_core(keep, smooth, vox, threshold, core_mm=core_mm, regrow_mm=regrow_mm)
     keep = erode_mm(keep, vox, erode)
     if not keep.any():
-        raise QSMInputError("masking produced an empty mask; give --mask, or a smaller margin_mm / bt")
+        raise QSMInputError("masking produced an empty mask; give a mask (--mask), or a lower intensity "
+                            "threshold (--param bt=0.3, BET's -f; default 0.5)")
     return keep
+
+
+def brain_core(mask, smooth, voxel_size, low_threshold, *, core_mm=7.5, regrow_mm=4.5):
+    """Cut what a surface mask took in below the skull base (neck, skull-base marrow, muscle):
+    the parenchyma inside the mask is brighter than Otsu's threshold *of the mask's own voxels*
+    (which splits brain from the CSF, bone and partial volume inside it); an opening by
+    ``core_mm`` breaks the thin bridges (brainstem to cord, marrow, vessels) between the
+    brain and the tissue below it, whose largest component, holes filled (ventricles, dark
+    iron-rich nuclei), is the brain core. It is grown back by ``regrow_mm`` inside the mask
+    where the magnitude is above ``low_threshold`` (the head's Otsu threshold), which returns
+    the darker cortex at the brain's edge, and holes are filled again."""
+    vox = tuple(float(v) for v in voxel_size)
+    inner = threshold_otsu(smooth[mask])
+    core = ndimage.binary_opening(mask & (smooth > inner), structure=ellipsoid_structure(core_mm, vox))
+    if not core.any():
+        return mask
+    core = ndimage.binary_fill_holes(largest_component(core))
+    grown = ndimage.binary_dilation(core, structure=ellipsoid_structure(regrow_mm, vox))
+    grown &= mask & ((smooth > low_threshold) | core)
+    return ndimage.binary_fill_holes(largest_component(grown))
+
+
+def exclude_steep_field(mask, field, voxel_size, *, fence=3.0, dilate_mm=3.0):
+    """The mask without the voxels whose total field is steepest: a phase-quality criterion
+    (the field gradient, as in ROMEO's phase-gradient quality, Dymerska et al., MRM 85:2294,
+    2021) for the tissue next to sinuses, ear canals and the skull base, where the phase is
+    least reliable and background removal leaves residuals. A voxel goes when ``|grad f|``
+    (ppm/mm) lies beyond Tukey's outer fence ``Q3 + fence x IQR`` of the mask's own gradients,
+    together with its neighbours within ``dilate_mm``; the largest component stays. Returns
+    ``(mask, info)``; the removed voxels become holes that background removal treats as
+    outside (PDF fits sources there)."""
+    vox = np.asarray(voxel_size, float)
+    mask = np.asarray(mask, bool)
+    f = np.asarray(field, dtype=np.float64)
+    grad = np.sqrt(sum((np.gradient(f, axis=a) / vox[a]) ** 2 for a in range(3)))
+    q1, q3 = np.percentile(grad[mask], [25, 75])
+    limit = q3 + fence * max(q3 - q1, 0.01 * q3)  # an IQR floor: a uniform gradient loses nothing
+    steep = mask & (grad > limit)
+    if dilate_mm > 0 and steep.any():
+        steep = ndimage.binary_dilation(steep, structure=ellipsoid_structure(dilate_mm, vox)) & mask
+    kept = largest_component(mask & ~steep)
+    info = {"fence": fence, "limit_ppm_per_mm": round(float(limit), 5),
+            "removed_ml": round(float((mask & ~kept).sum() * vox.prod() / 1000), 1)}
+    return kept, info

@@ -23,7 +23,8 @@ from .background import BACKGROUND
 from .echoes import combine_magnitude, fit_field
 from .errors import QSMInputError
 from .inversion import INVERSION
-from .masking import MASKING
+from .masking import MASKING, exclude_steep_field
+from .registry import validate_params
 from .unwrapping import UNWRAPPING
 
 STAGES = ("mask", "field", "background", "inversion")
@@ -54,21 +55,29 @@ class PipelineConfig:
     field_params: dict = field(default_factory=dict)
     background_params: dict = field(default_factory=dict)
     inversion_params: dict = field(default_factory=dict)
+    #: > 0: drop the mask's steepest-field voxels before background removal (Tukey fence of
+    #: the field gradient, ``masking.exclude_steep_field``); 0 off
+    steep_field_fence: float = 0.0
 
     def resolved(self) -> PipelineConfig:
         """A copy with ``auto`` replaced by the method each stage will use."""
+        names = {stage: reg.resolve(getattr(self, stage)) for stage, reg in (
+            ("masking", MASKING), ("unwrapping", UNWRAPPING), ("background", BACKGROUND),
+            ("inversion", INVERSION))}
+        # every parameter checked against its method's keywords and types before any work
+        checked = {f"{stage}_params": reg.validate_params(names[stage],
+                                                          getattr(self, f"{stage}_params"),
+                                                          f"--{stage}-param")
+                   for stage, reg in (("masking", MASKING), ("unwrapping", UNWRAPPING),
+                                      ("background", BACKGROUND), ("inversion", INVERSION))}
         return PipelineConfig(
-            masking=MASKING.resolve(self.masking),
-            unwrapping=UNWRAPPING.resolve(self.unwrapping),
-            background=BACKGROUND.resolve(self.background),
-            inversion=INVERSION.resolve(self.inversion),
+            **names,
             device=backend.resolve_device(self.device),
             precision=_check_precision(self.precision),
-            masking_params=dict(self.masking_params),
-            unwrapping_params=dict(self.unwrapping_params),
-            field_params=dict(self.field_params),
-            background_params=dict(self.background_params),
-            inversion_params=dict(self.inversion_params),
+            field_params=validate_params(fit_field, self.field_params, "--field-param",
+                                         "the field fit"),
+            **checked,
+            steep_field_fence=float(self.steep_field_fence),
         )
 
 
@@ -175,9 +184,13 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
                                                                mask, **cfg.field_params))
     field_total = fit.field_ppm
     timer.records[-1]["info"] = fit.info
+    bg_mask = mask
+    if cfg.steep_field_fence > 0:
+        bg_mask, steep = exclude_steep_field(mask, field_total, voxel_size, fence=cfg.steep_field_fence)
+        timer.records[-1]["info"] = {**fit.info, "steep_field": steep}
 
     f_dev = backend.to_device(field_total, cfg.device, backend.FLOAT)
-    m_dev = backend.to_device(mask, cfg.device)
+    m_dev = backend.to_device(bg_mask, cfg.device)
     mag_dev = backend.to_device(mag3, cfg.device, backend.FLOAT)
     # PDF weights each voxel by 1 / (noise SD of the field) (Liu et al. 2011), which the
     # field fit derives from the magnitude of every echo, unless the caller gives weights.

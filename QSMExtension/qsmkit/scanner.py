@@ -4,13 +4,17 @@ Both paths give the same thing: per image a :class:`~qsmkit.io.Volume` in qsmkit
 convention (``(X, Y, Z)`` voxel order, RAS+ millimetre affine) whose ``meta`` is a
 dcm2niix-style sidecar (``EchoTime`` in s, ``MagneticFieldStrength`` in T,
 ``ImagingFrequency`` in MHz, ``ImageType``, ``EchoNumber``, ``Manufacturer``, ...), and from
-there one set of rules:
+there one set of rules (``qsmkit.vendor``, re-exported here):
 
 - **what an image is** (:func:`image_kind`): magnitude, phase, Siemens phase difference,
   vendor field map in Hz, real or imaginary, from ``ImageType`` (``P``/``PHASE``,
   ``M``/``MAGNITUDE``, ``FIELDMAPHZ``), GE's (0043,102F) and Philips' (2005,1011) private
   image-type tags;
-- **phase in radians** (:func:`phase_to_rad`), vendor-aware and strict about ranges;
+- **phase in radians** (:func:`phase_convention`): by the metadata first (stated units,
+  Philips floating-point scaling, the vendor's encoding), by the range only as a tolerant
+  fallback; the rule used goes into ``meta["phase_convention"]`` and the run's sidecar;
+- **real / imaginary exports** (GE and others) become magnitude and phase
+  (:func:`load_gre_scanner`);
 - **B0** (:func:`b0_from_sidecar`): the Larmor frequency actually used,
   ``ImagingFrequency / gamma`` (a "3 T" Siemens Prisma runs at 2.895 T), falling back to
   the nominal ``MagneticFieldStrength``;
@@ -24,8 +28,10 @@ series give the same array and affine: voxel ``i`` runs along the DICOM row dire
 (columns of the stored image), ``j`` along the column direction but **flipped** (dcm2niix
 stores rows bottom-up), ``k`` along ``row x column`` (slices sorted by their position on
 that normal); LPS patient coordinates are converted to RAS+.
-Single-frame images only (classic MR Image Storage): enhanced multi-frame and Siemens
-mosaic files raise an error suggesting dcm2niix.
+Classic (one slice per file) and enhanced (multi-frame) MR images are read; an enhanced file's
+frames are split by image type, echo and position through its functional groups
+(:func:`_enhanced_frames`), then stacked like classic slices. Siemens mosaic files raise an
+error suggesting dcm2niix.
 """
 
 from __future__ import annotations
@@ -37,16 +43,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import units
 from .errors import QSMInputError
 from .io import Volume, check_same_grid, load_volume, sidecar_path
+from .vendor import (  # noqa: F401  (re-exported: the sidecar rules live in ``vendor``)
+    KINDS,
+    MILLIRAD_HALF_RANGE,
+    SIEMENS_HALF_RANGE,
+    b0_from_sidecar,
+    complex_to_phase,
+    convert_phase,
+    fieldmap_to_hz,
+    image_kind,
+    manufacturer,
+    phase_convention,
+    phase_to_rad,
+    phasediff_to_hz,
+)
 
-KINDS = ("magnitude", "phase", "phasediff", "fieldmap", "real", "imaginary", "unknown")
-#: Siemens stores phase in 12 bits: raw 0..4095 for -pi..pi, written as -4096..4094 after
-#: the DICOM rescale (slope 2, intercept -4096).
-SIEMENS_HALF_RANGE = 4096
-#: GE (and some Philips exports) store phase in milliradians, -3142..3142.
-MILLIRAD_HALF_RANGE = 1000 * np.pi
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ENHANCED_MR = {"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3"}
 
@@ -97,146 +110,6 @@ class ScannerSeries:
     b0: float
     kind: str
     meta: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- sidecar rules
-
-
-def _tokens(meta: dict) -> list[str]:
-    it = meta.get("ImageType", [])
-    if isinstance(it, str):
-        it = re.split(r"[\\_/]", it)
-    return [str(t).strip().upper() for t in it]
-
-
-def manufacturer(meta: dict) -> str:
-    """``"siemens"``, ``"ge"``, ``"philips"`` or ``""`` (unknown) from ``Manufacturer``."""
-    m = str(meta.get("Manufacturer", "")).lower()
-    for name in ("siemens", "philips"):
-        if name in m:
-            return name
-    if m.startswith("ge") or "general electric" in m:
-        return "ge"
-    return ""
-
-
-def image_kind(meta: dict) -> str:
-    """What an image holds, from its sidecar: one of :data:`KINDS`.
-
-    ``fieldmap`` for vendor field maps (``FIELDMAPHZ`` in ``ImageType`` or ``Units`` Hz);
-    ``phasediff`` for a phase image with ``EchoTime1`` and ``EchoTime2`` (dcm2niix writes
-    them only for Siemens dual-echo phase differences); then ``ImageType`` tokens
-    (``P``/``PHASE``, ``M``/``MAGNITUDE``, ``R``/``REAL``, ``I``/``IMAGINARY``) and the vendor
-    private image types (``GEImageType`` 0..3, ``PhilipsImageType`` M/P/R/I).
-    """
-    tokens = _tokens(meta)
-    if "FIELDMAPHZ" in tokens or str(meta.get("Units", "")).lower() == "hz":
-        return "fieldmap"
-    kind = "unknown"
-    ge = meta.get("GEImageType")
-    philips = str(meta.get("PhilipsImageType", "")).upper()
-    if "P" in tokens or "PHASE" in tokens or "PHASE MAP" in tokens or ge == 1 or philips.startswith("P"):
-        kind = "phase"
-    elif "R" in tokens or "REAL" in tokens or ge == 2 or philips.startswith("R"):
-        kind = "real"
-    elif "I" in tokens or "IMAGINARY" in tokens or ge == 3 or philips.startswith("I"):
-        kind = "imaginary"
-    elif "M" in tokens or "MAGNITUDE" in tokens or ge == 0 or philips.startswith("M"):
-        kind = "magnitude"
-    if kind == "phase" and "EchoTime1" in meta and "EchoTime2" in meta:
-        return "phasediff"
-    return kind
-
-
-def b0_from_sidecar(meta: dict, path=None, b0_from: str = "frequency") -> tuple[float, str]:
-    """Field strength (T) and the tag it came from.
-
-    ``b0_from="frequency"`` (default): ``ImagingFrequency`` (MHz) / gamma, the field the
-    phase actually evolved in, when it lies within 10% of ``MagneticFieldStrength`` (or that
-    is absent); else the nominal ``MagneticFieldStrength``. ``b0_from="nominal"`` uses the
-    nominal value only.
-    """
-    if b0_from not in ("frequency", "nominal"):
-        raise QSMInputError(f"b0_from must be 'frequency' or 'nominal', got {b0_from!r}")
-    nominal = meta.get("MagneticFieldStrength")
-    freq = meta.get("ImagingFrequency")
-    nominal = float(nominal) if isinstance(nominal, (int, float)) and nominal > 0 else None
-    freq = float(freq) if isinstance(freq, (int, float)) and freq > 0 else None
-    if b0_from == "frequency" and freq is not None:
-        b0 = freq / units.GAMMA_MHZ_PER_T
-        if nominal is None or abs(b0 - nominal) <= 0.1 * nominal:
-            return b0, "ImagingFrequency"
-    if nominal is not None:
-        return nominal, "MagneticFieldStrength"
-    raise QSMInputError("missing field strength (no MagneticFieldStrength / ImagingFrequency); "
-                        "give --b0 TESLA", path)
-
-
-def _is_integer_valued(a: np.ndarray) -> bool:
-    return np.issubdtype(a.dtype, np.integer) or bool(np.all(np.mod(a, 1) == 0))
-
-
-def phase_to_rad(data, meta: dict | None = None, path=None):
-    """Vendor phase -> radians in [-pi, pi) (float32), using the sidecar's ``Manufacturer``.
-
-    Accepted encodings (anything else raises :class:`QSMInputError` naming the range):
-
-    - radians, -pi..pi or 0..2 pi (dcm2niix's float output for Philips, processed data);
-    - Siemens (or unknown vendor) 12-bit integers: signed -4096..4095 (after the DICOM
-      rescale) as ``x pi / 4096``, unsigned raw 0..4095 as ``x pi / 2048 - pi``;
-    - GE / Philips (or unknown vendor) milliradians, -3142..3142, as ``x / 1000``.
-
-    Integer data must span at least half of the encoding's full range: wrapped phase
-    covers the whole circle over a head, so a narrower range is not raw phase.
-    """
-    meta = meta or {}
-    a = np.asarray(data)
-    if a.size == 0:
-        raise QSMInputError("phase image is empty", path)
-    if not np.all(np.isfinite(a)):
-        raise QSMInputError(f"phase has {int(np.sum(~np.isfinite(a)))} NaN/Inf voxels", path)
-    lo, hi = float(a.min()), float(a.max())
-    vendor = manufacturer(meta)
-    if np.issubdtype(a.dtype, np.floating) and lo >= -np.pi - 1e-3 and hi <= 2 * np.pi + 1e-3:
-        return units.wrap_phase(a.astype(np.float32)).astype(np.float32)
-    if _is_integer_valued(a):
-        x = a.astype(np.float64)
-        max_abs = max(-lo, hi)
-        if vendor in ("ge", "philips", "") and lo < 0 and abs(max_abs - MILLIRAD_HALF_RANGE) <= 2:
-            return units.wrap_phase(x / 1000.0).astype(np.float32)
-        if vendor in ("siemens", ""):
-            h = SIEMENS_HALF_RANGE
-            if lo < 0 and lo >= -h and hi <= h - 1 and hi - lo >= h:
-                return units.wrap_phase(x * (np.pi / h)).astype(np.float32)
-            if lo >= 0 and hi <= h - 1 and hi - lo >= h / 2:
-                return units.wrap_phase(x * (2 * np.pi / h) - np.pi).astype(np.float32)
-    raise QSMInputError(
-        f"unknown phase range {lo:g}..{hi:g} for manufacturer {meta.get('Manufacturer') or 'unknown'}: "
-        "expected radians (-pi..pi or 0..2pi), Siemens 12-bit (-4096..4095 or 0..4095) or "
-        "milliradians (-3142..3142); convert the phase to radians first", path)
-
-
-def phasediff_to_hz(phasediff_rad, te1: float, te2: float):
-    """Dual-echo phase difference (rad) -> off-resonance frequency (Hz), float32.
-
-    ``f = dphi / (2 pi (TE2 - TE1))``; unambiguous within +-1 / (2 (TE2 - TE1)).
-    """
-    units.check_positive("echo time (s)", [te1, te2])
-    dte = float(te2) - float(te1)
-    if dte <= 0:
-        raise QSMInputError(f"phase difference needs TE2 > TE1, got TE1={te1} s, TE2={te2} s")
-    return (np.asarray(phasediff_rad, dtype=np.float64) / (2 * np.pi * dte)).astype(np.float32)
-
-
-def fieldmap_to_hz(data, meta: dict, path=None):
-    """A vendor field map to Hz (float32) from its sidecar's ``Units`` (Hz, rad/s)."""
-    u = str(meta.get("Units", "Hz" if "FIELDMAPHZ" in _tokens(meta) else "")).strip().lower()
-    a = np.asarray(data, dtype=np.float64)
-    if u == "hz":
-        return a.astype(np.float32)
-    if u in ("rad/s", "rad s-1", "rad/sec"):
-        return (a / (2 * np.pi)).astype(np.float32)
-    raise QSMInputError(f"field map units {meta.get('Units')!r} not understood (expected Hz or rad/s)", path)
 
 
 # ----------------------------------------------------------------------------- NIfTI + sidecar
@@ -320,8 +193,46 @@ def _siemens_protocol(ds) -> dict:
     return {"alTE_us": [tes[i] for i in sorted(tes)], "SequenceFile": seq.group(1) if seq else ""}
 
 
+def _float_or_none(value):
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _phase_units(ds) -> str | None:
+    """``"mrad"`` / ``"rad"`` when the header states the unit of the rescaled values: Rescale
+    Type (0028,1054) or the Real World Value Mapping's measurement unit code (UCUM)."""
+    rescale_type = str(ds.get("RescaleType", "")).strip().lower()
+    if rescale_type in ("mrad", "rad"):
+        return rescale_type
+    items = list(ds.get("RealWorldValueMappingSequence", None) or [])
+    codes = list(ds.get("MeasurementUnitsCodeSequence", None) or [])  # a flattened frame
+    for item in items:
+        codes.extend(item.get("MeasurementUnitsCodeSequence", None) or [])
+    for code in codes:
+        value = str(code.get("CodeValue", "")).strip().lower()
+        if value in ("mrad", "rad"):
+            return value
+    return None
+
+
+def _philips_scale_slope(ds):
+    """Philips' private scale slope (2005,100E) when usable: floating-point value
+    ``FP = DV / (RS x SS)`` with DV the rescaled (display) value and RS the rescale slope."""
+    if manufacturer({"Manufacturer": ds.get("Manufacturer", "")}) != "philips":
+        return None
+    elem = ds.get((0x2005, 0x100E))
+    ss = _float_or_none(getattr(elem, "value", None))
+    rs = _float_or_none(ds.get("RescaleSlope", 1) or 1)
+    return ss if ss and ss > 0 and rs else None
+
+
 def _dicom_meta(ds, path) -> dict:
-    """dcm2niix-style sidecar entries from a DICOM header (times in s)."""
+    """dcm2niix-style sidecar entries from a DICOM header (times in s); for Philips the scaling
+    fields as dcm2niix names them, and ``UsePhilipsFloatNotDisplayScaling`` 1 when the pixels
+    are converted to Philips floating-point values (:func:`_pixels`)."""
     meta = {}
 
     def put(key, value, conv=lambda v: v):
@@ -331,25 +242,37 @@ def _dicom_meta(ds, path) -> dict:
     put("Modality", ds.get("Modality"), str)
     put("Manufacturer", ds.get("Manufacturer"), str)
     put("MagneticFieldStrength", ds.get("MagneticFieldStrength"), float)
-    put("ImagingFrequency", ds.get("ImagingFrequency"), float)
+    put("ImagingFrequency", ds.get("ImagingFrequency") or ds.get("TransmitterFrequency"), float)
     put("SeriesNumber", ds.get("SeriesNumber"), int)
     put("SeriesInstanceUID", ds.get("SeriesInstanceUID"), str)
     put("SeriesDescription", ds.get("SeriesDescription"), str)
     put("ProtocolName", ds.get("ProtocolName"), str)
     put("SequenceName", ds.get("SequenceName"), str)
     put("ImageType", ds.get("ImageType"), lambda v: [v] if isinstance(v, str) else [str(t) for t in v])
-    put("EchoTime", ds.get("EchoTime"), lambda v: float(v) / 1000.0)
+    put("ComplexImageComponent", ds.get("ComplexImageComponent"), str)
+    put("EchoTime", ds.get("EchoTime", ds.get("EffectiveEchoTime")), lambda v: float(v) / 1000.0)
     put("EchoNumber", ds.get("EchoNumbers"), int)
     put("RepetitionTime", ds.get("RepetitionTime"), lambda v: float(v) / 1000.0)
     put("FlipAngle", ds.get("FlipAngle"), float)
+    put("BitsStored", ds.get("BitsStored"), int)
+    put("PhaseUnits", _phase_units(ds))
     vendor = manufacturer(meta)
     if vendor == "ge" and (0x0043, 0x102F) in ds:
         try:
             meta["GEImageType"] = int(ds[0x0043, 0x102F].value)
         except (TypeError, ValueError):
             pass
-    if vendor == "philips" and (0x2005, 0x1011) in ds:
-        meta["PhilipsImageType"] = str(ds[0x2005, 0x1011].value).strip()
+    if vendor == "philips":
+        if (0x2005, 0x1011) in ds:
+            meta["PhilipsImageType"] = str(ds[0x2005, 0x1011].value).strip()
+        put("PhilipsRescaleSlope", _float_or_none(ds.get("RescaleSlope")))
+        put("PhilipsRescaleIntercept", _float_or_none(ds.get("RescaleIntercept")))
+        ss = _philips_scale_slope(ds)
+        if ss is not None:  # pixels become floating-point values: the display unit no longer holds
+            meta["PhilipsScaleSlope"] = ss
+            meta["UsePhilipsFloatNotDisplayScaling"] = 1
+            if "PhaseUnits" in meta:
+                meta["PhilipsDisplayUnits"] = meta.pop("PhaseUnits")
     if vendor == "siemens":
         proto = _siemens_protocol(ds)
         if proto.get("alTE_us"):
@@ -359,10 +282,11 @@ def _dicom_meta(ds, path) -> dict:
     return meta
 
 
-def _check_single_frame(ds, path):
-    if str(ds.get("SOPClassUID", "")) in _ENHANCED_MR or int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise QSMInputError("enhanced (multi-frame) DICOM is not supported; convert it with dcm2niix "
-                            "and give the NIfTI files", path)
+def _is_enhanced(ds) -> bool:
+    return str(ds.get("SOPClassUID", "")) in _ENHANCED_MR or int(ds.get("NumberOfFrames", 1) or 1) > 1
+
+
+def _check_slice(ds, path):
     if "MOSAIC" in [str(t).upper() for t in (ds.get("ImageType") or [])]:
         raise QSMInputError("Siemens mosaic DICOM is not supported; convert it with dcm2niix", path)
     for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
@@ -370,22 +294,86 @@ def _check_single_frame(ds, path):
             raise QSMInputError(f"DICOM image has no {tag}: not an image slice", path)
 
 
-def _pixels(ds, path) -> np.ndarray:
-    """Stored values after the DICOM rescale; integer when the rescale is integer-valued."""
+def _decode(ds, path) -> np.ndarray:
     try:
-        px = ds.pixel_array
+        return ds.pixel_array
     except Exception as exc:
         raise QSMInputError(f"cannot decode DICOM pixel data ({exc}); compressed files need "
                             "pylibjpeg / gdcm, or convert with dcm2niix", path) from exc
+
+
+def _pixels(ds, path, px=None) -> np.ndarray:
+    """Stored values after the DICOM rescale (integer when the rescale is integer-valued);
+    Philips images with a private scale slope as floating-point values (dcm2niix's default,
+    so DICOM and dcm2niix's NIfTI give the same numbers). ``px``: pixels already decoded (a
+    frame of a multi-frame file)."""
+    px = _decode(ds, path) if px is None else px
     if px.ndim != 2:
         raise QSMInputError(f"DICOM slice must be 2-D grey values, got shape {px.shape}", path)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     inter = float(ds.get("RescaleIntercept", 0) or 0)
+    ss = _philips_scale_slope(ds)
+    if ss is not None:
+        return ((px.astype(np.float64) * slope + inter) / (slope * ss)).astype(np.float32)
     if slope == 1 and inter == 0:
         return px
     if slope == int(slope) and inter == int(inter):
         return px.astype(np.int32) * int(slope) + int(inter)
     return (px.astype(np.float64) * slope + inter).astype(np.float32)
+
+
+_FRAME_GROUPS = (0x52009229, 0x52009230)  # Shared / Per-Frame Functional Groups Sequence
+_PHILIPS_FRAME_PRIVATE = (0x2005, 0x140F)  # Philips' per-frame copy of the classic header
+
+
+def _merge(frame, item):
+    for elem in item:
+        if elem.tag != 0x7FE00010:
+            frame[elem.tag] = elem
+
+
+def _enhanced_frames(ds, path):
+    """Frames of an enhanced (multi-frame) DICOM as ``(frame dataset, pixels)``: each frame
+    dataset holds the file's attributes, then Philips' private per-frame header (2005,140F)
+    when present, then the shared and the frame's own functional groups (PS3.3 C.7.6.16:
+    Plane Position / Orientation, Pixel Measures, MR Echo, MR Image Frame Type, Pixel Value
+    Transformation, Real World Value Mapping), later ones taking precedence, so the standard
+    per-frame geometry is what counts. ``EffectiveEchoTime`` stands in for ``EchoTime`` and the
+    frame type for ``ImageType``."""
+    pydicom = _import_pydicom()
+    base = pydicom.Dataset()
+    for elem in ds:
+        if elem.tag not in _FRAME_GROUPS and elem.tag != 0x7FE00010:
+            base[elem.tag] = elem
+    shared = list(ds.get("SharedFunctionalGroupsSequence", None) or [])[:1]
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", None) or [])
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if len(per_frame) != n:
+        raise QSMInputError(f"enhanced DICOM has {n} frames but {len(per_frame)} per-frame "
+                            "functional groups", path)
+    px = _decode(ds, path)
+    px = px[None] if px.ndim == 2 else px
+    if px.shape[0] != n:
+        raise QSMInputError(f"enhanced DICOM pixel data hold {px.shape[0]} frames, header says {n}",
+                            path)
+    for i, groups in enumerate(per_frame):
+        frame = pydicom.Dataset()
+        _merge(frame, base)
+        private = groups.get(_PHILIPS_FRAME_PRIVATE)
+        if private is not None and private.VR == "SQ" and len(private.value):
+            _merge(frame, private.value[0])
+        for group in (*shared, groups):
+            for elem in group:
+                if elem.VR == "SQ" and elem.tag != _PHILIPS_FRAME_PRIVATE and len(elem.value):
+                    _merge(frame, elem.value[0])
+                    if elem.keyword == "RealWorldValueMappingSequence":
+                        frame[elem.tag] = elem
+        if "FrameType" in frame:
+            frame.ImageType = list(frame.FrameType)
+        if "EffectiveEchoTime" in frame:
+            frame.EchoTime = frame.EffectiveEchoTime
+        _check_slice(frame, path)
+        yield frame, px[i]
 
 
 def _stack_slices(slices, source) -> tuple[np.ndarray, np.ndarray]:
@@ -462,18 +450,26 @@ def read_dicom(paths) -> list[ScannerImage]:
             continue
         if "PixelData" not in ds:
             continue  # DICOMDIR, presentation states, reports
-        _check_single_frame(ds, path)
-        meta = _dicom_meta(ds, path)
-        kind = image_kind(meta)
-        key = (meta.get("SeriesInstanceUID"), meta.get("SeriesNumber"), kind, meta.get("EchoNumber"),
-               None if meta.get("EchoTime") is None else round(meta["EchoTime"], 7))
-        groups.setdefault(key, {"meta": meta, "kind": kind, "slices": []})
-        groups[key]["slices"].append((ds, path, _pixels(ds, path)))
+        if _is_enhanced(ds):
+            frames = [(f, _pixels(f, path, px)) for f, px in _enhanced_frames(ds, path)]
+        else:
+            _check_slice(ds, path)
+            frames = [(ds, _pixels(ds, path))]
+        for frame, px in frames:
+            meta = _dicom_meta(frame, path)
+            if len(frames) > 1:
+                meta["MultiFrame"] = True
+            kind = image_kind(meta)
+            key = (meta.get("SeriesInstanceUID"), meta.get("SeriesNumber"), kind,
+                   meta.get("EchoNumber"),
+                   None if meta.get("EchoTime") is None else round(meta["EchoTime"], 7))
+            groups.setdefault(key, {"meta": meta, "kind": kind, "slices": []})
+            groups[key]["slices"].append((frame, path, px))
     if not groups:
         raise QSMInputError(f"no DICOM images found in {', '.join(os.fspath(p) for p in paths)}")
     images = []
     for g in groups.values():
-        files = sorted(s[1] for s in g["slices"])
+        files = sorted({s[1] for s in g["slices"]})
         source = os.path.dirname(files[0]) or files[0]
         data, affine = _stack_slices(g["slices"], source)
         meta = dict(g["meta"], SourceFiles=len(files))
@@ -610,10 +606,12 @@ def series_from_images(images, kind=None, series=None, b0_from="frequency", path
     kind = images[0].kind
     images, tes = _stack_echoes(images, kind)
     first = images[0]
-    arrays = []
+    arrays, rules = [], []
     for im in images:
         if kind in ("phase", "phasediff"):
-            arrays.append(phase_to_rad(im.volume.data, im.meta, im.source))
+            rad, rule = convert_phase(im.volume.data, im.meta, im.source)
+            arrays.append(rad)
+            rules.append(rule)
         elif kind == "fieldmap":
             arrays.append(fieldmap_to_hz(im.volume.data, im.meta, im.source))
         else:
@@ -634,6 +632,8 @@ def series_from_images(images, kind=None, series=None, b0_from="frequency", path
                  "files_meta": [im.meta for im in images]})
     if kind in ("phase", "magnitude") and te:
         meta["EchoTime"] = te if len(te) > 1 else te[0]
+    if rules:
+        meta["phase_convention"] = rules[0] if all(r == rules[0] for r in rules) else rules
     vol = Volume(data, first.volume.affine, first.source, meta)
     return ScannerSeries(vol, te, float(b0), kind, meta)
 
@@ -661,19 +661,46 @@ def read_fieldmap_hz(paths, series=None, b0_from="frequency") -> ScannerSeries:
     return s
 
 
+def _complex_series(images, series, b0_from, paths):
+    """Magnitude and phase series from a real / imaginary export (GE and others)."""
+    re_s = series_from_images(images, "real", series, b0_from, paths)
+    im_s = series_from_images(images, "imaginary", series, b0_from, paths)
+    check_same_grid(re_s.data, im_s.data, "real", "imaginary")
+    if re_s.data.data.shape != im_s.data.data.shape or not np.allclose(re_s.te, im_s.te, atol=1e-6):
+        raise QSMInputError("real and imaginary images differ in shape or echo times", im_s.data.path)
+    mag, pha = complex_to_phase(re_s.data.data, im_s.data.data)
+    rule = {"name": "complex", "scale": 1.0, "offset": 0.0,
+            "source": "real and imaginary images: phase = atan2(imaginary, real)"}
+    meta = dict(re_s.meta, scanner_kind="phase", phase_convention=rule)
+    out = []
+    for kind, data in (("magnitude", mag), ("phase", pha)):
+        m = dict(meta, scanner_kind=kind)
+        out.append(ScannerSeries(Volume(data, re_s.data.affine, re_s.data.path, m), list(re_s.te),
+                                 re_s.b0, kind, m))
+    return out
+
+
 def load_gre_scanner(paths, series=None, b0_from="frequency"):
     """Magnitude and phase of a (multi-echo) GRE from DICOM or dcm2niix NIfTI + sidecars.
 
     Returns ``(magnitude Volume, phase Volume (rad, float32), te list (s), b0 (T))``, echoes
     in the 4th axis, like :func:`qsmkit.io.load_gre`. ``series`` is a SeriesNumber or a pair
-    ``(magnitude series, phase series)`` when the folder holds several of either.
+    ``(magnitude series, phase series)`` when the folder holds several of either. Without
+    phase images, real and imaginary images (a GE export) give magnitude and phase. The
+    phase's ``meta["phase_convention"]`` records how it became radians.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     images = read_scanner_images(paths)
     ms, ps = series if isinstance(series, (tuple, list)) else (series, series)
-    mag = series_from_images(images, "magnitude", ms, b0_from, paths)
-    pha = series_from_images(images, "phase", ps, b0_from, paths)
+    kinds = {im.kind for im in images}
+    if "phase" not in kinds and {"real", "imaginary"} <= kinds:
+        mag, pha = _complex_series(images, ps, b0_from, paths)
+        if "magnitude" in kinds:
+            mag = series_from_images(images, "magnitude", ms, b0_from, paths)
+    else:
+        mag = series_from_images(images, "magnitude", ms, b0_from, paths)
+        pha = series_from_images(images, "phase", ps, b0_from, paths)
     check_same_grid(mag.data, pha.data, "magnitude", "phase")
     if mag.data.data.shape != pha.data.data.shape:
         raise QSMInputError(f"magnitude shape {mag.data.data.shape} does not match phase shape "
@@ -692,6 +719,8 @@ __all__ = [
     "manufacturer",
     "b0_from_sidecar",
     "phase_to_rad",
+    "phase_convention",
+    "convert_phase",
     "phasediff_to_hz",
     "fieldmap_to_hz",
     "read_nifti_image",

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import geometry
 from .errors import QSMInputError
-from .io import VoxelGrid
+from .geometry import VoxelGrid
 
 #: node classes whose voxels are one scalar per voxel
 SCALAR_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode")
@@ -225,10 +225,82 @@ def set_voxel_units(node, units: str) -> None:
     node.SetVoxelValueUnits(entry)
 
 
+#: what the voxels of a qsmkit output measure (a private "99QSM" coding scheme: DICOM has no
+#: code for magnetic susceptibility); recorded as the node's voxel value quantity
+QUANTITIES = {"chi": ("chi", "99QSM", "Magnetic susceptibility"),
+              "field": ("field", "99QSM", "Magnetic field perturbation")}
+
+#: window/level (ppm) and colour table of chi and of local fields. chi: grey, centred on 0,
+#: +-0.15 ppm (the range of deep grey matter and veins at 3 T, and the usual QSM display);
+#: local field: a third of that (the dipole kernel takes values in [-2/3, 1/3], so a local
+#: field is about chi/3), in a diverging blue-red table where the application has it. A total
+#: field (background fields of several ppm) keeps Slicer's automatic window.
+DISPLAY_PRESETS = {
+    "chi": {"window": 0.30, "level": 0.0, "color": "vtkMRMLColorTableNodeGrey"},
+    "local_field": {"window": 0.10, "level": 0.0,
+                    "color": "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"},
+}
+
+
+def set_voxel_quantity(node, kind: str) -> None:
+    """Record what the voxels measure (a key of :data:`QUANTITIES`)."""
+    if not hasattr(node, "SetVoxelValueQuantity"):
+        return
+    entry = _slicer().vtkCodedEntry()
+    entry.SetValueSchemeMeaning(*QUANTITIES[kind])
+    node.SetVoxelValueQuantity(entry)
+
+
+def apply_display_preset(node, preset_name: str) -> None:
+    """Window/level and colour table of :data:`DISPLAY_PRESETS` on a scalar volume node (its
+    display node is created when missing); the colour table only where the scene has it."""
+    preset = DISPLAY_PRESETS[preset_name]
+    display = node.GetDisplayNode()
+    if display is None and node.GetScene() is not None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+    if display is None or not hasattr(display, "SetWindowLevel"):
+        return
+    display.SetAutoWindowLevel(0)
+    display.SetWindowLevel(preset["window"], preset["level"])
+    scene = node.GetScene()
+    if scene is not None and scene.GetNodeByID(preset["color"]) is not None:
+        display.SetAndObserveColorNodeID(preset["color"])
+
+
+def mark_as(node, kind: str) -> None:
+    """Mark a volume node as a chi map (``kind="chi"``) or a local field map (``"field"``), in
+    ppm: units, quantity, display preset. For maps loaded from files, whose units Slicer does
+    not read."""
+    set_voxel_units(node, "ppm")
+    set_voxel_quantity(node, kind)
+    apply_display_preset(node, "chi" if kind == "chi" else "local_field")
+
+
+def is_chi_map(node) -> bool:
+    """Whether a volume node is a chi map: a one-component scalar volume (not a label map)
+    whose voxel value units are ppm and whose recorded quantity, if any, is chi. Field maps
+    (also ppm) carry the field quantity; a CT (HU) or an MR image (no units) is not chi."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return False
+    image = node.GetImageData()
+    if image is None or image.GetNumberOfScalarComponents() != 1:
+        return False
+    units = node.GetVoxelValueUnits() if hasattr(node, "GetVoxelValueUnits") else None
+    if units is None or (units.GetCodeValue() or "").lower() != "ppm":
+        return False
+    quantity = node.GetVoxelValueQuantity()
+    value = (quantity.GetCodeValue() or "") if quantity is not None else ""
+    return value in ("", QUANTITIES["chi"][0])
+
+
 def create_volume_node(scene, array, like, name: str, node=None,
-                       class_name: str = "vtkMRMLScalarVolumeNode", units: str | None = None):
+                       class_name: str = "vtkMRMLScalarVolumeNode", units: str | None = None,
+                       quantity: str | None = None, preset: str | None = None):
     """An output volume node (``node`` reused when given, else a new one added to ``scene``)
-    holding ``array`` with exactly the geometry of the volume node ``like``."""
+    holding ``array`` with exactly the geometry of the volume node ``like``. ``quantity`` (a
+    key of :data:`QUANTITIES`) is recorded; ``preset`` (a key of :data:`DISPLAY_PRESETS`) is
+    applied."""
     if node is None:
         if scene is None:
             scene = like.GetScene()
@@ -238,6 +310,10 @@ def create_volume_node(scene, array, like, name: str, node=None,
     update_volume_from_array(node, array, like=like, units=units)
     if hasattr(node, "CreateDefaultDisplayNodes") and node.GetScene() is not None:
         node.CreateDefaultDisplayNodes()
+    if quantity:
+        set_voxel_quantity(node, quantity)
+    if preset:
+        apply_display_preset(node, preset)
     return node
 
 

@@ -34,37 +34,86 @@ class Region:
 
 # ---------------------------------------------------------------- label names
 
+_INT = re.compile(r"-?[0-9]+", re.ASCII)
+_NUMERIC_START = re.compile(r"^[-+]?\d", re.UNICODE)
+
+
+def _read_text(path) -> str:
+    """A text file as UTF-8 (a UTF-8 or UTF-16 byte-order mark honoured); one-line errors."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise QSMInputError(f"cannot read label-name table ({err.strerror})", path) from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise QSMInputError(f"label-name table is not {encoding.replace('-sig', '')} text (byte "
+                            f"0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8",
+                            path) from None
+    if "\x00" in text:
+        raise QSMInputError("label-name table is not a text file (it holds NUL bytes)", path)
+    return text
+
+
+def _label_id(token: str, path, lineno):
+    """The integer label id of a first column, None for a line that is not a row (a header),
+    an error for a token that starts like a number but is not an integer (``12a``, ``²``)."""
+    token = token.strip()
+    if _INT.fullmatch(token):
+        return int(token)
+    if _NUMERIC_START.match(token) or any(c.isdigit() for c in token[:1]):
+        raise QSMInputError(f"line {lineno}: label id {token!r} is not an integer", path)
+    return None
+
+
 def read_label_names(path) -> dict:
     """Label id -> name from a FreeSurfer colour LUT (``id name R G B A``), an ITK-SNAP label
     description file (``id R G B A vis mesh "name"``), a CSV/TSV with a header naming an id
     column (``index``, ``label``, ``id`` or ``value``) and a ``name`` column (BIDS ``dseg.tsv``
-    included), or plain ``id name`` lines. Lines starting with ``#`` are comments."""
+    included), or plain ``id name`` lines. Lines starting with ``#`` are comments. The file
+    is UTF-8 (or UTF-16 with a byte-order mark); an id that is not an integer, or an id named
+    twice with different names, is an error naming the line."""
     path = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise QSMInputError(f"cannot read label-name table ({err.strerror})", path) from None
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    text = _read_text(path)
+    lines = [(n, ln) for n, ln in enumerate(text.splitlines(), start=1)
+             if ln.strip() and not ln.lstrip().startswith("#")]
     names = {}
+
+    def add(lab, name, lineno):
+        if lab in names and names[lab] != name:
+            raise QSMInputError(f"line {lineno}: label {lab} is named twice ({names[lab]!r} and "
+                                f"{name!r})", path)
+        names[lab] = name
+
     if lines:
-        delim = "\t" if "\t" in lines[0] else ","
-        header = [h.strip().lower() for h in lines[0].split(delim)]
+        delim = "\t" if "\t" in lines[0][1] else ","
+        header = [h.strip().lower() for h in lines[0][1].split(delim)]
         id_col = next((header.index(c) for c in ("index", "label", "id", "value") if c in header), None)
         if id_col is not None and "name" in header:  # CSV / TSV / BIDS dseg.tsv with a header
             name_col = header.index("name")
-            for row in csv.reader(lines[1:], delimiter=delim):
-                if len(row) > max(id_col, name_col) and row[id_col].strip().lstrip("-").isdigit():
-                    names[int(row[id_col])] = row[name_col].strip()
+            for (lineno, _), row in zip(lines[1:], csv.reader([ln for _, ln in lines[1:]],
+                                                              delimiter=delim)):
+                if len(row) > max(id_col, name_col):
+                    lab = _label_id(row[id_col], path, lineno)
+                    if lab is None:
+                        raise QSMInputError(f"line {lineno}: label id {row[id_col].strip()!r} is "
+                                            "not an integer", path)
+                    add(lab, row[name_col].strip(), lineno)
         else:
-            for ln in lines:
+            for lineno, ln in lines:
                 quoted = re.search(r'"([^"]*)"', ln)  # ITK-SNAP: the name is the quoted field
                 parts = ln.replace(",", " ").replace("\t", " ").split()
-                if not parts or not parts[0].lstrip("-").isdigit():
+                lab = _label_id(parts[0], path, lineno) if parts else None
+                if lab is None:
                     continue
                 if quoted:
-                    names[int(parts[0])] = quoted.group(1)
+                    add(lab, quoted.group(1), lineno)
                 elif len(parts) >= 2:
-                    names[int(parts[0])] = parts[1]  # FreeSurfer LUT / "id name"
+                    add(lab, parts[1], lineno)  # FreeSurfer LUT / "id name"
     names.pop(0, None)  # 0 is the background of a label map ("Unknown", "Clear Label")
     if not names:
         raise QSMInputError("no 'id name' rows found in the label-name table", path)
@@ -73,9 +122,62 @@ def read_label_names(path) -> dict:
 
 # ---------------------------------------------------------------- regions
 
+#: the most distinct non-zero labels a label map may hold (README "Input limits"); a map with
+#: more is most likely an intensity image given as labels. ``$QSMKIT_MAX_LABELS`` overrides it.
+MAX_LABELS = 2000
+MAX_LABELS_ENV = "QSMKIT_MAX_LABELS"
+#: how far from an integer a stored label value may be (float storage rounding)
+LABEL_TOLERANCE = 1e-3
+
+
+def max_labels() -> int:
+    env = os.environ.get(MAX_LABELS_ENV, "").strip()
+    if not env:
+        return MAX_LABELS
+    if not env.isdigit() or int(env) < 1:
+        raise QSMInputError(f"{MAX_LABELS_ENV} must be a positive integer, got {env!r}")
+    return int(env)
+
+
+def label_map(data, path=None) -> np.ndarray:
+    """A label image as int64, refused (one line naming ``path``) when it holds NaN/Inf,
+    values that are not integers (e.g. labels x 0.5, or a map resampled with linear
+    interpolation; rounding would merge regions), or more than ``max_labels()`` distinct
+    non-zero labels (an intensity image given as labels)."""
+    a = np.asarray(data)
+    if np.iscomplexobj(a):
+        raise QSMInputError("label map is complex-valued; labels must be integers", path)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise QSMInputError(f"label map has {int(bad.sum())} NaN/Inf voxels; labels must be "
+                                "integers", path)
+        frac = np.abs(a - np.rint(a)) > LABEL_TOLERANCE
+        if frac.any():
+            example = float(a[frac].flat[0])
+            raise QSMInputError(
+                f"label map has {int(frac.sum())} voxels with non-integer values (e.g. "
+                f"{example:g}); labels must be integers (scaled, or resampled with linear "
+                "interpolation? resample label maps with nearest neighbour)", path)
+        if a.size and (a.max() > 2**62 or a.min() < -(2**62)):
+            raise QSMInputError("label map values are out of the integer range", path)
+    labels = np.rint(a).astype(np.int64) if not np.issubdtype(a.dtype, np.integer) else \
+        a.astype(np.int64, copy=False)
+    ids = np.unique(labels)
+    n = int(np.count_nonzero(ids))
+    cap = max_labels()
+    if n > cap:
+        raise QSMInputError(f"label map has {n} distinct labels, more than {cap} (an intensity "
+                            f"image given as labels? set {MAX_LABELS_ENV} to allow more)", path)
+    return labels
+
+
 def regions_from_label_map(labels, label_names=None) -> list:
-    """One region per non-zero integer label."""
-    labels = np.asarray(labels)
+    """One region per non-zero integer label (a full mask each: for overlapping regions and
+    callers that need the masks; ``roi_table`` on a label map needs none)."""
+    labels = label_map(labels)
     names = dict(label_names or {})
     return [Region(int(v), str(names.get(int(v), int(v))), labels == v)
             for v in np.unique(labels) if v != 0]
@@ -88,6 +190,9 @@ def read_segmentation(path):
         import slicerio
     except ImportError:  # pragma: no cover - slicerio is a dependency
         raise QSMInputError("reading .seg.nrrd needs slicerio: pip install slicerio", path) from None
+    from .io import check_image_size
+
+    check_image_size(str(path), "segmentation")  # the header's claim, before slicerio reads
     try:
         seg = slicerio.read_segmentation(str(path))
     except Exception as err:  # slicerio raises plain errors on bad files
@@ -150,13 +255,66 @@ def region_row(values, voxel_volume):
     }
 
 
-def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_mm=0.0):
+def _erode_labels(labels, voxel_size, radius_mm):
+    """Every label eroded by a ball of ``radius_mm`` in one pass: a voxel keeps its label when
+    the whole ball around it carries that label (voxels beyond the border count as 0), the
+    same as eroding each region's mask on its own (``masking.erode_mm``)."""
+    from scipy import ndimage
+
+    from .masking import ellipsoid_structure
+
+    st = ellipsoid_structure(radius_mm, voxel_size)
+    low = ndimage.minimum_filter(labels, footprint=st, mode="constant", cval=0)
+    high = ndimage.maximum_filter(labels, footprint=st, mode="constant", cval=0)
+    return np.where((low == labels) & (high == labels), labels, 0)
+
+
+def label_statistics(chi, labels) -> dict:
+    """Per non-zero label of an integer map, the ``COLUMNS`` statistics of ``chi`` computed in
+    one sort of the labelled voxels (not one mask per label): returns label -> stats dict.
+    Percentiles interpolate linearly between order statistics (numpy's default)."""
+    lab = np.asarray(labels).ravel()
+    sel = lab != 0
+    values = np.asarray(chi, dtype=np.float64).ravel()[sel]
+    lab = lab[sel]
+    if lab.size == 0:
+        return {}
+    order = np.lexsort((values, lab))
+    lab, values = lab[order], values[order]
+    ids, starts, counts = np.unique(lab, return_index=True, return_counts=True)
+    mean = np.add.reduceat(values, starts) / counts
+    ss = np.add.reduceat((values - np.repeat(mean, counts)) ** 2, starts)
+    sd = np.where(counts > 1, np.sqrt(ss / np.maximum(counts - 1, 1)), 0.0)
+    last = starts + counts - 1
+
+    def percentile(q):
+        pos = starts + q * (counts - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, last)
+        return values[lo] + (pos - lo) * (values[hi] - values[lo])
+
+    q1, med, q3 = percentile(0.25), percentile(0.5), percentile(0.75)
+    return {int(i): {"voxels": int(c), "mean": float(m), "sd": float(d), "median": float(md),
+                     "iqr": float(b - a), "min": float(values[s0]), "max": float(values[e])}
+            for i, c, m, d, md, a, b, s0, e in zip(ids, counts, mean, sd, med, q1, q3, starts,
+                                                   last)}
+
+
+def _empty_stats():
+    out = {c: float("nan") for c in COLUMNS[4:-1]}
+    out.update(voxels=0, volume_mm3=0.0)
+    return out
+
+
+def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_mm=0.0,
+              empty_labels=()):
     """One row (dict, keys ``COLUMNS``) per region.
 
     Parameters
     ----------
     chi : (X, Y, Z) susceptibility map.
-    labels : integer label map on chi's grid, or a list of :class:`Region` (overlapping allowed).
+    labels : integer label map on chi's grid (checked by ``label_map``; statistics in one
+        pass), or a list of :class:`Region` (overlapping allowed).
     voxel_size : mm, for volumes and erosion.
     label_names : id -> name for a label map.
     reference : label number or name of the reference region; ``mean_ref`` = mean - its mean
@@ -164,44 +322,62 @@ def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_m
     erode_mm : erode every region, the reference included, by a ball of this radius first
         (fewer partial-volume voxels at region borders); a region eroded away is reported with
         0 voxels and NaN statistics.
+    empty_labels : labels of a label map to list with 0 voxels and NaN statistics although
+        absent from ``labels`` (regions that lie wholly outside the chi map's mask).
     """
-    from .masking import erode_mm as erode
-
     chi = np.asarray(chi, dtype=np.float64)
+    voxel_volume = float(np.prod(voxel_size))
     if isinstance(labels, list):
-        regions = labels
+        per_label = _region_statistics(chi, labels, voxel_size, erode_mm)
+        names = {r.label: r.name for r in labels}
     else:
         labels = np.asarray(labels)
         if labels.shape[:3] != chi.shape[:3]:
             raise QSMInputError(f"labels shape {labels.shape} does not match chi shape {chi.shape}")
-        regions = regions_from_label_map(labels, label_names)
+        labels = label_map(labels)
+        present = sorted({int(v) for v in np.unique(labels) if v != 0} | set(map(int, empty_labels)))
+        if not present:
+            raise QSMInputError("the label map has no non-zero labels")
+        given = dict(label_names or {})
+        names = {v: str(given.get(v, v)) for v in present}
+        eroded = _erode_labels(labels, voxel_size, erode_mm) if erode_mm > 0 else labels
+        stats = label_statistics(chi, eroded)
+        per_label = {v: stats.get(v) for v in present}
+    ref_id = resolve_reference(reference, names)
+    ref_mean = float("nan")
+    if ref_id is not None:
+        if ref_id not in per_label:
+            raise QSMInputError(f"reference label {ref_id} has no voxels")
+        if per_label[ref_id] is None:
+            raise QSMInputError(f"reference region {ref_id} has no voxels left after eroding "
+                                f"{erode_mm} mm")
+        ref_mean = per_label[ref_id]["mean"]
+    rows = []
+    for lab, st in per_label.items():
+        if st is None:
+            st = _empty_stats()
+        else:
+            st = {**st, "volume_mm3": st["voxels"] * voxel_volume}
+        row = {"label": lab, "name": names[lab], **{c: st[c] for c in COLUMNS[2:-1]}}
+        row["mean_ref"] = st["mean"] - ref_mean
+        rows.append(row)
+    return rows
+
+
+def _region_statistics(chi, regions, voxel_size, erode_mm) -> dict:
+    """label -> statistics (None when empty) for explicit, possibly overlapping regions."""
+    from .masking import erode_mm as erode
+
     if not regions:
         raise QSMInputError("the label map has no non-zero labels")
-    voxel_volume = float(np.prod(voxel_size))
-    masks = {}
+    out = {}
     for r in regions:
         if r.mask.shape != chi.shape[:3]:
             raise QSMInputError(f"region {r.name!r} shape {r.mask.shape} does not match chi {chi.shape}")
-        masks[r.label] = erode(r.mask, voxel_size, erode_mm) if erode_mm > 0 else r.mask
-    ref_id = resolve_reference(reference, regions)
-    ref_mean = float("nan")
-    if ref_id is not None:
-        if ref_id not in masks:
-            raise QSMInputError(f"reference label {ref_id} has no voxels")
-        if not masks[ref_id].any():
-            raise QSMInputError(f"reference region {ref_id} has no voxels left after eroding "
-                                f"{erode_mm} mm")
-        ref_mean = float(chi[masks[ref_id]].mean())
-    rows = []
-    for r in regions:
-        values = chi[masks[r.label]]
-        if values.size:
-            stats = region_row(values, voxel_volume)
-        else:
-            stats = {c: float("nan") for c in COLUMNS[4:-1]}
-            stats.update(voxels=0, volume_mm3=0.0)
-        rows.append({"label": r.label, "name": r.name, **stats, "mean_ref": stats["mean"] - ref_mean})
-    return rows
+        mask = erode(r.mask, voxel_size, erode_mm) if erode_mm > 0 else r.mask
+        values = chi[mask]
+        out[r.label] = region_row(values, 1.0) if values.size else None
+    return out
 
 
 # ---------------------------------------------------------------- output
@@ -228,7 +404,11 @@ def write_table(rows, path, subject=None, append=False):
     delim = "\t" if path.endswith(".tsv") else ","
     existing = ""
     if append and os.path.exists(path):
-        existing = Path(path).read_text()
+        try:
+            existing = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise QSMInputError(f"cannot append: the table is not readable UTF-8 text ({err})",
+                                path) from None
         header = existing.splitlines()[0].split(delim) if existing.strip() else []
         if header and tuple(header) != fields:
             raise QSMInputError(f"cannot append: the table's columns {header} are not {list(fields)}"

@@ -6,6 +6,21 @@ matched case-insensitively). The numbers come from
 :func:`qsmkit.slicer_adapter.chi_segment_measurements` on masks that
 :func:`qsmkit.slicer_adapter.segment_mask` puts on the chi map's voxel grid, the same code that
 ``qsmkit stats`` and the tests use.
+
+It lives inside Slicer's Segment Statistics module, whose ``updateStatisticsForSegment`` runs
+every plugin with no error handling, so this plugin:
+
+- imports nothing of qsmkit at import time, and then only ``qsmkit.slicer_adapter``, which
+  needs numpy (shipped with Slicer) and not nibabel, scipy or numba;
+- measures only chi maps (:func:`qsmkit.slicer_adapter.is_chi_map`: units ppm, quantity chi or
+  none recorded, as the QSM modules write them); for any other volume (a CT, an MR image, a
+  field map) it returns nothing and adds no column;
+- never raises into Segment Statistics: a failure is logged once and the segment gets no chi
+  values, while the other plugins' values are kept.
+
+It is enabled by default (the base class's default): for volumes that are not chi maps it adds
+nothing and costs a units lookup, and for chi maps the referenced mean is the number a user of
+this extension opens Segment Statistics for, which a plugin hidden behind an option would hide.
 """
 
 import logging
@@ -15,7 +30,32 @@ import qt
 import slicer
 from SegmentStatisticsPlugins import SegmentStatisticsPluginBase
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer before 5.4
+    def _(text):
+        return text
+
 DEFAULT_REFERENCE = "CSF"
+
+
+def _adapter():
+    """qsmkit.slicer_adapter, or None when qsmkit cannot be imported here."""
+    try:
+        from qsmkit import slicer_adapter
+    except Exception as err:  # noqa: BLE001 - any import failure means: do nothing
+        _warn_once("import", f"QSM chi statistics unavailable: qsmkit cannot be imported ({err})")
+        return None
+    return slicer_adapter
+
+
+_WARNED = set()
+
+
+def _warn_once(key, message):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logging.warning(message)
 
 
 class ChiStatisticsPlugin(SegmentStatisticsPluginBase):
@@ -24,6 +64,7 @@ class ChiStatisticsPlugin(SegmentStatisticsPluginBase):
     def __init__(self):
         super().__init__()
         self.name = "QSM chi"
+        self.title = _("QSM chi")
         self.keys = ["chi_mean", "chi_sd", "chi_median", "chi_mean_ref"]
         self.defaultKeys = list(self.keys)
         self._cache_key = None
@@ -47,11 +88,11 @@ class ChiStatisticsPlugin(SegmentStatisticsPluginBase):
         super().createDefaultOptionsWidget()
         self.referenceLineEdit = qt.QLineEdit()
         self.referenceLineEdit.objectName = "chiReferenceSegmentLineEdit"
-        self.referenceLineEdit.toolTip = ("Name of the reference segment (e.g. CSF); chi_mean_ref "
-                                          "is each segment's mean minus this segment's mean")
+        self.referenceLineEdit.toolTip = _("Name of the reference segment (e.g. CSF); chi_mean_ref "
+                                           "is each segment's mean minus this segment's mean")
         self.referenceLineEdit.text = self.referenceSegmentName()
         self.referenceLineEdit.connect("editingFinished()", self.updateParameterNodeFromGui)
-        self.optionsWidget.layout().addRow("Reference segment:", self.referenceLineEdit)
+        self.optionsWidget.layout().addRow(_("Reference segment:"), self.referenceLineEdit)
 
     def updateGuiFromParameterNode(self, caller=None, event=None):
         super().updateGuiFromParameterNode(caller, event)
@@ -70,24 +111,24 @@ class ChiStatisticsPlugin(SegmentStatisticsPluginBase):
 
     def _inputs(self):
         node = self.getParameterNode()
+        if node is None:
+            return None, None
         segmentation = slicer.mrmlScene.GetNodeByID(node.GetParameter("Segmentation"))
-        chi = slicer.mrmlScene.GetNodeByID(node.GetParameter("ScalarVolume"))
-        return segmentation, chi
+        volume = slicer.mrmlScene.GetNodeByID(node.GetParameter("ScalarVolume"))
+        return segmentation, volume
 
-    def _referenceMask(self, segmentation, chi):
+    def _referenceMask(self, adapter, segmentation, chi):
         """(chi array, reference mask or None), cached while the nodes are unchanged."""
-        from qsmkit import slicer_adapter
-
         name = self.referenceSegmentName()
         key = (segmentation.GetID(), segmentation.GetMTime(), chi.GetID(), chi.GetMTime(),
                chi.GetImageData().GetMTime(), name.lower())
         if key != self._cache_key:
-            chiArray = slicer_adapter.array_from_volume(chi)
+            chiArray = adapter.array_from_volume(chi)
             reference = None
-            ids = [sid for sid, n in slicer_adapter.segment_names(segmentation).items()
+            ids = [sid for sid, n in adapter.segment_names(segmentation).items()
                    if n.lower() == name.lower()] if name else []
             if ids:
-                reference = slicer_adapter.segment_mask(segmentation, ids[0], chi)
+                reference = adapter.segment_mask(segmentation, ids[0], chi)
             elif name:
                 logging.warning(f"QSM chi statistics: no segment named {name!r}; chi_mean_ref "
                                 "is left empty")
@@ -95,43 +136,59 @@ class ChiStatisticsPlugin(SegmentStatisticsPluginBase):
         return self._cache
 
     def computeStatistics(self, segmentID):
-        from qsmkit import slicer_adapter
+        """The requested chi measurements of one segment; {} for a volume that is not a chi
+        map, and {} (logged) when anything fails: never an exception."""
+        try:
+            return self._computeStatistics(segmentID)
+        except Exception as err:  # noqa: BLE001 - Segment Statistics has no error handling
+            _warn_once(("compute", type(err).__name__, str(err)),
+                       f"QSM chi statistics skipped: {type(err).__name__}: {err}")
+            return {}
 
+    def _computeStatistics(self, segmentID):
         requested = self.getRequestedKeys()
         if not requested:
             return {}
         segmentation, chi = self._inputs()
-        if segmentation is None or chi is None or chi.GetImageData() is None:
+        if segmentation is None or chi is None:
             return {}
-        chiArray, reference = self._referenceMask(segmentation, chi)
-        mask = slicer_adapter.segment_mask(segmentation, segmentID, chi)
+        adapter = _adapter()
+        if adapter is None or not adapter.is_chi_map(chi):
+            return {}
+        chiArray, reference = self._referenceMask(adapter, segmentation, chi)
+        mask = adapter.segment_mask(segmentation, segmentID, chi)
         try:
-            values = slicer_adapter.chi_segment_measurements(chiArray, mask, reference)
-        except Exception as err:  # e.g. a reference segment outside the chi map
+            values = adapter.chi_segment_measurements(chiArray, mask, reference)
+        except Exception as err:  # noqa: BLE001 - e.g. a reference segment outside the chi map
             logging.warning(f"QSM chi statistics: {err}")
-            values = slicer_adapter.chi_segment_measurements(chiArray, mask, None)
+            values = adapter.chi_segment_measurements(chiArray, mask, None)
         return {k: values[k] for k in requested if k in values and not math.isnan(values[k])}
 
     def getMeasurementInfo(self, key):
-        reference = self.referenceSegmentName() or "reference"
+        """Name (not translated), title, description and units of a measurement, as
+        ``ScalarVolumeSegmentStatisticsPlugin`` gives them; None for an unknown key."""
+        if key not in self.keys:
+            return None
+        reference = self.referenceSegmentName() or _("reference")
+        ppm = self.createCodedEntry("ppm", "UCUM", "parts per million", True)
+        chi = self.createCodedEntry("chi", "99QSM", "Magnetic susceptibility", True)
         info = {
-            "chi_mean": self.createMeasurementInfo(
-                name="chi mean", description="Mean magnetic susceptibility", units="ppm",
-                quantityDicomCode=self.createCodedEntry("chi", "99QSM", "Magnetic susceptibility", True),
-                unitsDicomCode=self.createCodedEntry("ppm", "UCUM", "parts per million", True),
+            "chi_mean": dict(
+                name="chi mean", title=_("chi mean"),
+                description=_("Mean magnetic susceptibility within the segment."),
                 derivationDicomCode=self.createCodedEntry("373098007", "SCT", "Mean", True)),
-            "chi_sd": self.createMeasurementInfo(
-                name="chi SD", description="Standard deviation of susceptibility (sample)",
-                units="ppm",
-                unitsDicomCode=self.createCodedEntry("ppm", "UCUM", "parts per million", True),
+            "chi_sd": dict(
+                name="chi SD", title=_("chi SD"),
+                description=_("Standard deviation (sample) of the susceptibility within the segment."),
                 derivationDicomCode=self.createCodedEntry("386136009", "SCT", "Standard Deviation", True)),
-            "chi_median": self.createMeasurementInfo(
-                name="chi median", description="Median magnetic susceptibility", units="ppm",
-                unitsDicomCode=self.createCodedEntry("ppm", "UCUM", "parts per million", True)),
-            "chi_mean_ref": self.createMeasurementInfo(
-                name=f"chi mean - {reference}",
-                description=f"Mean susceptibility minus the mean of segment {reference}",
-                units="ppm",
-                unitsDicomCode=self.createCodedEntry("ppm", "UCUM", "parts per million", True)),
-        }
-        return info.get(key)
+            "chi_median": dict(
+                name="chi median", title=_("chi median"),
+                description=_("Median magnetic susceptibility within the segment."),
+                derivationDicomCode=self.createCodedEntry("373099004", "SCT", "Median", True)),
+            "chi_mean_ref": dict(
+                name="chi mean relative to reference",
+                title=_("chi mean - {reference}").format(reference=reference),
+                description=_("Mean susceptibility minus the mean of segment {reference}.").format(
+                    reference=reference)),
+        }[key]
+        return self.createMeasurementInfo(units="ppm", quantityDicomCode=chi, unitsDicomCode=ppm, **info)

@@ -29,13 +29,14 @@ REQUIREMENTS_FILE = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
 #: pip name -> import name, where they differ
 IMPORT_NAMES = {"scikit-image": "skimage", "pynrrd": "nrrd", "dask": "dask"}
 
-#: outputs of ``qsmkit run`` (file stem in the output folder) and the node class they become
+#: outputs of ``qsmkit run`` (file stem in the output folder): the node class they become, their
+#: units, quantity and display preset (:data:`qsmkit.slicer_adapter.DISPLAY_PRESETS`)
 PIPELINE_OUTPUTS = {
-    "chi": ("vtkMRMLScalarVolumeNode", "ppm"),
-    "mask": ("vtkMRMLLabelMapVolumeNode", None),
-    "field_total": ("vtkMRMLScalarVolumeNode", "ppm"),
-    "field_local": ("vtkMRMLScalarVolumeNode", "ppm"),
-    "local_mask": ("vtkMRMLLabelMapVolumeNode", None),
+    "chi": ("vtkMRMLScalarVolumeNode", "ppm", "chi", "chi"),
+    "mask": ("vtkMRMLLabelMapVolumeNode", None, None, None),
+    "field_total": ("vtkMRMLScalarVolumeNode", "ppm", "field", None),
+    "field_local": ("vtkMRMLScalarVolumeNode", "ppm", "field", "local_field"),
+    "local_mask": ("vtkMRMLLabelMapVolumeNode", None, None, None),
 }
 
 
@@ -65,7 +66,11 @@ def missing_requirements(requirements=None) -> list:
     for spec in read_requirements() if requirements is None else requirements:
         name = requirement_name(spec)
         module = IMPORT_NAMES.get(name, name.replace("-", "_"))
-        if importlib.util.find_spec(module) is None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or half-installed package
+            found = False
+        if not found:
             out.append(spec)
     return out
 
@@ -192,6 +197,8 @@ class OutputSpec:
     node_name: str = ""
     class_name: str = "vtkMRMLScalarVolumeNode"
     units: str | None = None
+    quantity: str | None = None  # "chi" or "field", recorded with the node
+    preset: str | None = None  # display preset: "chi" or "local_field"
 
 
 class QsmkitJob:
@@ -252,8 +259,10 @@ class QsmkitJob:
             self.args += [flag, item]
 
     def add_output(self, name: str, path: str, like, node=None, node_name: str = "",
-                   class_name: str = "vtkMRMLScalarVolumeNode", units: str | None = None):
-        self.outputs.append(OutputSpec(name, path, like, node, node_name or name, class_name, units))
+                   class_name: str = "vtkMRMLScalarVolumeNode", units: str | None = None,
+                   quantity: str | None = None, preset: str | None = None):
+        self.outputs.append(OutputSpec(name, path, like, node, node_name or name, class_name, units,
+                                       quantity, preset))
 
     @property
     def argv(self) -> list:
@@ -293,7 +302,8 @@ class QsmkitJob:
                 raise QsmkitJobError(f"{out.name}: output grid differs from the input's")
             nodes[out.name] = create_volume_node(scene, vol.data, out.like, out.node_name,
                                                  node=out.node, class_name=out.class_name,
-                                                 units=out.units)
+                                                 units=out.units, quantity=out.quantity,
+                                                 preset=out.preset)
         return nodes
 
     def run(self, scene=None, timeout: float | None = None, on_line=None, on_progress=None) -> dict:
@@ -358,9 +368,9 @@ def pipeline_job(magnitude, phase, te, b0, mask=None, masking="auto", unwrapping
             if name not in PIPELINE_OUTPUTS:
                 raise ValueError(f"unknown pipeline output {name!r}; choose from "
                                  f"{', '.join(PIPELINE_OUTPUTS)}")
-            class_name, units = PIPELINE_OUTPUTS[name]
+            class_name, units, quantity, preset = PIPELINE_OUTPUTS[name]
             job.add_output(name, os.path.join(out_dir, f"{name}.nii.gz"), like, node,
-                           _name(like, name), class_name, units)
+                           _name(like, name), class_name, units, quantity, preset)
     except BaseException:
         job.cleanup()
         raise
@@ -433,7 +443,8 @@ def background_job(field, mask, method="auto", weights=None, params=None, field_
         job.add_option("--out", out)
         job.add_option("--out-mask", out_mask)
         like = _like(field)
-        job.add_output("field_local", out, like, output, _name(like, "local"), units="ppm")
+        job.add_output("field_local", out, like, output, _name(like, "local"), units="ppm",
+                       quantity="field", preset="local_field")
         job.add_output("local_mask", out_mask, like, output_mask, _name(like, "local_mask"),
                        "vtkMRMLLabelMapVolumeNode")
     except BaseException:
@@ -469,7 +480,8 @@ def invert_job(field, mask, magnitude=None, method="auto", params=None, field_un
         out = job.path("chi.nii.gz")
         job.add_option("--out", out)
         like = _like(field)
-        job.add_output("chi", out, like, output, _name(like, "chi"), units="ppm")
+        job.add_output("chi", out, like, output, _name(like, "chi"), units="ppm", quantity="chi",
+                       preset="chi")
     except BaseException:
         job.cleanup()
         raise

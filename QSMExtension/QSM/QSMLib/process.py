@@ -20,10 +20,18 @@ import time
 
 #: a tqdm line: "qsmkit run:  50%|#####     | 2/4 [00:01<00:01,  1.9stage/s, background]"
 _TQDM = re.compile(r"(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*\[(?P<info>[^\]]*)\]")
+#: the plain line qsmkit prints instead when its stderr is not a terminal (qsmkit/progress.py):
+#: "qsmkit run: [2/4] background" (steps done, then the step now running)
+_PLAIN = re.compile(r"^qsmkit[^:]*: \[(?P<n>\d+)/(?P<total>\d+)\] (?P<stage>\S.*)$")
 
 
 def parse_progress(line: str):
-    """(fraction done, stage or None) from a tqdm progress line, or None for other lines."""
+    """(fraction done, stage or None) from a progress line (tqdm or plain), or None for other
+    lines."""
+    m = _PLAIN.match(line.strip())
+    if m:
+        total = int(m.group("total"))
+        return min(max(int(m.group("n")) / total if total else 0.0, 0.0), 1.0), m.group("stage")
     m = _TQDM.search(line)
     if not m:
         return None
@@ -51,6 +59,64 @@ def qsmkit_environment(qsmkit_parent: str | None, base: dict | None = None) -> d
     env["PYTHONIOENCODING"] = "utf-8"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def kill_process_tree(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """End a started process and every process under it, on every platform: terminate them
+    all, then kill what is still alive after ``grace`` seconds.
+
+    The descendants are found with psutil (which Slicer ships), so a child that left the
+    process group (or Windows, which has none) is reached too. On POSIX the group is also sent
+    SIGTERM, for a descendant started after the list was taken. The process itself is waited
+    for (and reaped) through ``proc``. Without psutil: the group (POSIX) or ``taskkill /T``."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    posix = os.name != "nt"
+    descendants = []
+    if psutil is not None:
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
+    elif not posix:  # before the launcher ends, while its children still name it as parent
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True,
+                       check=False)
+    if posix:
+        _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.terminate()
+    except OSError:
+        pass
+    for p in descendants:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + grace
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        if posix:  # not reaped yet, so the group is still this process's
+            _signal_group(proc.pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+    if descendants:
+        _gone, alive = psutil.wait_procs(descendants, timeout=max(0.0, deadline - time.monotonic()))
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=grace)
+
+
+def _signal_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (OSError, ValueError):
+        pass
 
 
 class QsmkitProcess:
@@ -168,28 +234,14 @@ class QsmkitProcess:
         return self.returncode
 
     def cancel(self, grace: float = 2.0):
-        """End the process and its children: terminate, then kill after ``grace`` seconds."""
+        """End the process and every process under it: terminate, then kill after ``grace``
+        seconds. In Slicer the command runs under the ``PythonSlicer`` launcher, which starts
+        the real Python as its child, so ending the launcher alone would leave the computation
+        running (on Windows, where there are no process groups, it did)."""
         if self._proc is None or self._proc.poll() is not None:
             return
         self.cancelled = True
-        try:
-            if os.name == "nt":
-                self._proc.terminate()
-            else:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
-        try:
-            self._proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            try:
-                if os.name == "nt":
-                    self._proc.kill()
-                else:
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            self._proc.wait()
+        kill_process_tree(self._proc, grace)
         while self.poll():  # drain what the process wrote before it ended
             time.sleep(0.01)
 
