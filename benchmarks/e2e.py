@@ -212,11 +212,11 @@ def table(rows, checks):
     def f(v, p=1):
         return "" if v is None else f"{v:.{p}f}"
 
-    lines = ["| case | pipeline | chi NRMSE % | XSIM | DGM NRMSE % | slope | MAE ppb | "
+    lines = ["| case | pipeline | chi NRMSE % | DGM NRMSE % | slope | MAE ppb | "
              "slope (auto CSF) | MAE ppb (auto CSF) | local NRMSE % | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['row']} | {f(r['nrmse'])} | {f(r['xsim'], 3)} | "
+        lines.append(f"| {r['case']} | {r['row']} | {f(r['nrmse'])} | "
                      f"{f(r['nrmse_dgm'])} | {f(r['roi_slope'], 2)} | {f(r['roi_mae_ppb'])} | "
                      f"{f(r['auto_slope'], 2)} | {f(r['auto_mae_ppb'])} | {f(r.get('local_nrmse'))} | "
                      f"{f(r['seconds'])} |")
