@@ -35,17 +35,20 @@ harmonic parts between inside and outside sources (in the prototype, without the
 iterations reached 32 % instead of 17 % on the head model).
 
 Two settings are registered. ``tfi``: 200 iterations, rho = 0.01, on PDF's padded grid (the
-whole field of view). ``tfi-fast``: the same model, solved to about PDF's cost: 30
-over-relaxed iterations (relaxation 1.7, Boyd et al. section 3.4.3) with rho = 0.05, on the
-brain's bounding box grown by 8 mm instead of the whole field of view (after PDF, the harmonic
-part left to move is reproduced by sources in a thin shell around the brain, the argument of
-``default_pdf_pad``). On the head model at 1.28 mm (``bench-output`` prototype runs, 2 cores):
-``tfi`` 16.9 / 8.5 % (mask / eroded), ``tfi-fast`` 20-22 / 9.5-11 % in about 1x PDF's time on
-top of PDF's own, PDF 42.8 / 27.6 %. Slower settings than 30 iterations first pass through a
-transient (ADMM's error grows again between about 40 and 80 iterations at rho = 0.05) before
-reaching ``tfi``'s figures; a coarse-grid TFI (2.56 mm) as a correction or as a warm start was
-tried and gave no gain: at that voxel size the cortex is below a voxel and the prior fails.
-``rho``, the relaxation and the iteration count were chosen on the head model at 1.28 mm.
+whole field of view). ``tfi-fast``: the same model, solved to about PDF's cost: 30 over-relaxed
+iterations (relaxation 1.7, Boyd et al. section 3.4.3) with rho = 0.05, on the brain's bounding
+box grown by 8 mm instead of the whole field of view (after PDF, the harmonic part left to move
+is reproduced by sources in a thin shell around the brain, the argument of ``default_pdf_pad``).
+On the head model at 1.28 mm (``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 %
+(mask / eroded), ``tfi-fast`` 19.8 / 9.1 % (with SNR-100 phase noise 22.1 / 12.7 %, as ``tfi``),
+PDF 42.8 / 27.6 %; ``tfi-fast`` takes 2.05x PDF's time there and 1.44x on the 256x256x64 phantom
+(interleaved, median of 3). On the end-to-end benchmark's full simulations
+(``benchmarks/e2e.py``) it is within 1 point of ``tfi``'s chi NRMSE. Settings slower than 30
+iterations first pass through a transient (ADMM's error grows again between about 40 and 80
+iterations at rho = 0.05) before reaching ``tfi``'s figures; a coarse-grid TFI (2.56 mm) as a
+correction or as a warm start was tried and gave no gain: at that voxel size the cortex is below
+a voxel and the prior fails. ``rho``, the relaxation and the iteration count were chosen on the
+head model at 1.28 mm.
 
 Measured (``Testing/test_headmodel.py``, ``Testing/test_background.py``,
 ``benchmarks/background_removal.py``): head model at 1.28 mm, NRMSE of the local field in the
@@ -258,6 +261,9 @@ _PARAMS_DOC = """
     max_iter : ADMM iterations.
     relax : ADMM over-relaxation in (0, 2) (1: none).
     pad : voxels per side for sources beyond the field of view (default as PDF).
+    box_mm (tfi-fast) : margin around the mask's bounding box of the grid solved (mm).
+    pdf_tol (tfi-fast) : stopping tolerance of the PDF start (0.05, as ``pdf``; 0.1 and 0.2
+        cost 4 and 14 points of local-field NRMSE on the head model).
 
     Returns
     -------
