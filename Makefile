@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench eval-inversion docs lint clean
+.PHONY: demo test bench eval-inversion eval-e2e docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: $(VENV)/.bench
 # dipole inversion suite (benchmarks/eval): cases x qsmkit and QSM.rs methods, table and figure
 eval-inversion: $(VENV)/.bench
 	$(PY) -m benchmarks.eval.run
+
+# end-to-end suite (benchmarks/e2e.py): full head simulations, qsmkit vs QSM.rs, truth substitution
+eval-e2e: $(VENV)/.bench
+	$(PY) -m benchmarks.e2e
 
 # the API reference (Sphinx, from the numpy-style docstrings) in docs/_build/html
 docs: $(VENV)/.installed

@@ -172,7 +172,7 @@ def test_echo_times_and_method_parameters():
 
 
 #: pyproject dependencies that no panel needs (see QSM/Resources/requirements.txt)
-NOT_FOR_PANELS = {"matplotlib", "slicerio", "pydicom"}
+NOT_FOR_PANELS = {"slicerio", "pydicom"}
 
 
 def test_requirements_are_the_panels_needs():
@@ -200,8 +200,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_panel_commands_run_without_the_packages_not_installed_for_them(tmp_path):
-    """What the panels run (simulate for Sample Data's phantom, run, combine) with matplotlib,
-    slicerio and pydicom unimportable: the requirements list is enough."""
+    """What the panels run (simulate, run, combine) with slicerio and pydicom unimportable: the
+    requirements list is enough."""
     code = BLOCKING_PYTHON.format(blocked=NOT_FOR_PANELS)
     env = qsmkit_environment(jobs.qsmkit_parent())
 

@@ -228,7 +228,7 @@ def test_real_head_pipeline_from_three_forms(philips, tmp_path):
                  "--quiet"]) in (0, None)
     side = json.loads((out / "chi.json").read_text())
     assert 1000 <= side["mask_volume_ml"] <= 1700
-    assert side["inputs"]["phase_convention"]["name"] == "radians"
+    assert side["inputs"]["phase_scaling"]["name"] == "radians"
     assert (out / "mask_qc.png").stat().st_size > 10_000
 
 

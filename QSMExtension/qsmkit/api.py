@@ -198,7 +198,7 @@ def invert_dipole(field, mask, voxel_size, b0_dir, magnitude=None, method="auto"
     device : str
         ``"cpu"``, ``"gpu"`` or ``"auto"``.
     **params
-        Parameters of the method, e.g. ``preset="invivo"`` for ``focuss``.
+        Parameters of the method, e.g. ``refine=30`` for ``focuss``.
 
     Returns
     -------

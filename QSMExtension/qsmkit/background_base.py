@@ -18,7 +18,10 @@ from .dipole import crop_to, dipole_kernel, pad_to, padded_shape
 from .errors import QSMInputError
 from .registry import Registry
 
-BACKGROUND = Registry("background", default="pdf")
+#: ``auto`` is ``tfi-fast`` (module ``tfi``): on the end-to-end benchmark's full simulations it
+#: gives 46 % chi NRMSE against PDF's 58 % (3 T, 1 mm), at about twice PDF's time. PDF, the
+#: original method, stays a choice (``--background pdf``).
+BACKGROUND = Registry("background", default="tfi-fast")
 
 
 def check_inputs(field, mask, weights=None):

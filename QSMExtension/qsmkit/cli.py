@@ -1131,7 +1131,7 @@ def _add_run_command(sub):
                    "The whole pipeline: brain mask, total field (unwrapping, echo fit), "
                    "background removal and dipole inversion; writes mask, field_total, "
                    "field_local, local_mask and chi (ppm) as NIfTI with JSON sidecars, and "
-                   "mask_qc.png, in --out.")
+                   "mask_qc.png (magnitude with the mask outline), in --out.")
     _add_gre_inputs(p)
     p.add_argument("--mask", metavar="FILE", help="brain mask (skips masking; default: computed)")
     p.add_argument("--apodize", type=float, default=0.0, metavar="ALPHA",

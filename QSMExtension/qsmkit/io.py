@@ -225,9 +225,9 @@ def _gzip_holds_at_least(path, need, start=0, raw_zlib=False) -> None:
                     chunk = raw.read(_GZIP_CHUNK // 64)
                     if not chunk:
                         break
-                    total += len(dec.decompress(chunk, need - total + 1))
-                    while dec.unconsumed_tail and total < need:
-                        total += len(dec.decompress(dec.unconsumed_tail, need - total + 1))
+                    total += len(dec.decompress(chunk, _GZIP_CHUNK))
+                    while dec.unconsumed_tail and total < need:  # at most a chunk at a time
+                        total += len(dec.decompress(dec.unconsumed_tail, _GZIP_CHUNK))
             else:
                 with gzip.GzipFile(fileobj=raw) as f:
                     while total < need:
