@@ -503,10 +503,10 @@ def test_field_command_writes_ppm_hz_noise_and_weights(sim_multi, tmp_path):
 
 
 def test_precision_option(sim, tmp_path):
-    """--precision float64 runs the stage in double precision and says so in the sidecar. The
-    two runs stop CG at different iterations on this coarse phantom (104 vs 95) and differ by
-    14 % from each other, but their error against the true local field (71.4 / 71.1 %) agrees
-    within 0.5 percentage point."""
+    """--precision float64 runs the stage (PDF, named: the default is now tfi-fast) in double
+    precision and says so in the sidecar. The two runs stop CG at different iterations on this
+    coarse phantom (104 vs 95) and differ by 14 % from each other, but their error against the
+    true local field (71.4 / 71.1 %) agrees within 0.5 percentage point."""
     base = ["background", "--field", str(sim / "field_total_true.nii.gz"), "--mask",
             str(sim / "mask_true.nii.gz"), "--method", "pdf", "--quiet"]
     out32, out64 = tmp_path / "l32.nii.gz", tmp_path / "l64.nii.gz"

@@ -260,13 +260,16 @@ def cmd_run(args):
                    extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg),
                           **report.pipeline_record(res.stages),
                           "mask_volume_ml": round(qc.mask_volume_ml(res.mask, pha.voxel_size), 1)})
-    qc_png = os.path.join(args.out, "mask_qc.png")
+    qc_png = os.path.join(args.out, "mask_qc.png") if _can_plot() else None
+    if qc_png is None:
+        print("qsmkit: note: matplotlib is not installed: no mask_qc.png", file=sys.stderr)
     with io.OutputSet() as outset:  # all five (and sidecars, and the QC figure) move in together
         for n, path in outs.items():
             data = getattr(res, n)
             io.save_volume(outset.path(path), data, pha.affine, sidecar=meta,
                            dtype=np.uint8 if data.dtype == bool else np.float32)
-        qc.write_mask_qc(outset.path(qc_png), mag.data, res.mask, pha.affine)
+        if qc_png:
+            qc.write_mask_qc(outset.path(qc_png), mag.data, res.mask, pha.affine)
     if not args.quiet:
         print_stage_times(res.stages)
     report.summary("run", meta["method"], time.perf_counter() - t_start, [*outs.values(), qc_png],
@@ -277,6 +280,16 @@ def _phase_record(pha):
     """The sidecar's record of how the phase was scaled to radians."""
     info = pha.meta.get("qsmkit_phase_scaling") or pha.meta.get("phase_convention")
     return {"phase_scaling": info} if info else {}
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib imports (Slicer's Python may lack it: the panels install only what
+    their commands need, and the figure is then left out)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def print_stage_times(stages):
