@@ -1,9 +1,9 @@
-# make demo | make test | make bench — each creates .venv if missing.
+# make demo | make test | make bench | make docs — each creates .venv if missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench eval-inversion lint clean
+.PHONY: demo test bench eval-inversion eval-e2e docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,18 @@ bench: $(VENV)/.bench
 eval-inversion: $(VENV)/.bench
 	$(PY) -m benchmarks.eval.run
 
+# end-to-end suite (benchmarks/e2e.py): full head simulations, qsmkit vs QSM.rs, truth substitution
+eval-e2e: $(VENV)/.bench
+	$(PY) -m benchmarks.e2e
+
+# the API reference (Sphinx, from the numpy-style docstrings) in docs/_build/html
+docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[docs]"
+	$(VENV)/bin/sphinx-build -q -b html docs docs/_build/html
+	@echo "API reference: docs/_build/html/index.html"
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check QSMExtension Testing benchmarks
 
 clean:
-	rm -rf demo-output bench-output .pytest_cache
+	rm -rf demo-output bench-output .pytest_cache docs/_build

@@ -115,11 +115,11 @@ def case(request):
 # TFI (PDF, then a joint fit with a TV prior on the sources inside the mask; no magnitude here,
 # so plain TV) gets past it: <= 0.17 / 6.0-9.7 (its parameters were chosen on the head model,
 # not on these scenes).
-RESIDUAL_BAR = {"pdf": 3.0, "vsharp": 6.0, "resharp": 3.0, "tfi": 1.0}
-NRMSE_BAR = {"pdf": 30.0, "vsharp": 26.0, "resharp": 35.0, "tfi": 15.0}
+RESIDUAL_BAR = {"pdf": 3.0, "vsharp": 6.0, "resharp": 3.0, "tfi": 1.0, "tfi-fast": 3.0}
+NRMSE_BAR = {"pdf": 30.0, "vsharp": 26.0, "resharp": 35.0, "tfi": 15.0, "tfi-fast": 20.0}
 
 
-@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp", "tfi"])
+@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp", "tfi", "tfi-fast"])
 def test_background_scenes(case, method):
     name, voxel, b0_dir, (total, local, bg, mask) = case
     assert np.abs(bg[mask]).max() > 5 * np.abs(local[mask]).max()  # background dominates
@@ -134,7 +134,7 @@ def test_background_scenes(case, method):
     assert err < NRMSE_BAR[method], f"{name} {method}: NRMSE {err:.1f}%"
 
 
-@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp", "tfi"])
+@pytest.mark.parametrize("method", ["pdf", "vsharp", "resharp", "tfi", "tfi-fast"])
 def test_bad_input(method):
     from qsmkit.errors import QSMInputError
 
@@ -158,7 +158,7 @@ def test_bad_input(method):
     a, _, _ = func(outside, mask, voxel, (0, 0, 1))
     b, _, _ = func(np.where(mask, field, 0), mask, voxel, (0, 0, 1))
     np.testing.assert_array_equal(a, b)
-    if method == "tfi":
+    if method.startswith("tfi"):
         with pytest.raises(QSMInputError, match="magnitude shape"):
             func(field, mask, voxel, (0, 0, 1), magnitude=np.ones((4, 4, 4)))
         with pytest.raises(QSMInputError, match="magnitude is all zeros"):
@@ -167,7 +167,12 @@ def test_bad_input(method):
             func(field, mask, voxel, (0, 0, 1), lam=-1.0)
         with pytest.raises(QSMInputError, match="edge_fraction"):
             func(field, mask, voxel, (0, 0, 1), edge_fraction=1.5)
-    if method in ("pdf", "tfi"):
+    if method == "tfi-fast":
+        with pytest.raises(QSMInputError, match="relax"):
+            func(field, mask, voxel, (0, 0, 1), relax=2.5)
+        with pytest.raises(QSMInputError, match="box_mm"):
+            func(field, mask, voxel, (0, 0, 1), box_mm=0)
+    if method in ("pdf", "tfi", "tfi-fast"):
         with pytest.raises(QSMInputError, match="weights shape"):
             func(field, mask, voxel, (0, 0, 1), weights=np.ones((4, 4, 4)))
         with pytest.raises(QSMInputError, match="weights are zero"):

@@ -111,15 +111,16 @@ def test_background_command_units(sim, tmp_path):
     assert json.loads((tmp_path / "a.json").read_text())["method"] == "vsharp"
 
 
-def test_background_command_pdf_default(sim, tmp_path):
-    """PDF is the default; weights from a magnitude or a noise map; iterations in the sidecar;
-    the local field matches the truth as well as PDF can (see test_background.py)."""
+def test_background_command_pdf(sim, tmp_path):
+    """PDF (the original method; the default is tfi-fast): weights from a magnitude or a noise
+    map; iterations in the sidecar; the local field matches the truth as well as PDF can (see
+    test_background.py)."""
     field, mask = sim / "field_total_true.nii.gz", sim / "mask_true.nii.gz"
     truth = load(sim / "field_local_true.nii.gz")
     m = load(mask) > 0
     out = tmp_path / "local.nii.gz"
     assert main(["background", "--field", str(field), "--mask", str(mask), "--out", str(out),
-                 "--weights", str(sim / "magnitude.nii.gz"), "--quiet"]) == 0
+                 "--weights", str(sim / "magnitude.nii.gz"), "--method", "pdf", "--quiet"]) == 0
     meta = json.loads((tmp_path / "local.json").read_text())
     assert meta["method"] == "pdf" and meta["info"]["weighted"] is True
     assert 0 < meta["info"]["iterations"] <= meta["info"]["max_iter"]
@@ -131,7 +132,7 @@ def test_background_command_pdf_default(sim, tmp_path):
     nib.save(nib.Nifti1Image(1.0 / np.maximum(mag.get_fdata(), 1e-3), mag.affine), str(noise))
     out2 = tmp_path / "local2.nii.gz"
     assert main(["background", "--field", str(field), "--mask", str(mask), "--out", str(out2),
-                 "--noise", str(noise), "--quiet"]) == 0
+                 "--noise", str(noise), "--method", "pdf", "--quiet"]) == 0
     # 1 / (1 / magnitude) is the magnitude again: the same weights, the same result
     np.testing.assert_allclose(load(out2), load(out), atol=2e-4)
 

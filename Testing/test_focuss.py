@@ -52,8 +52,9 @@ def roi_error_ppb(chi, ph):
 def phantom_runs():
     """The original experiment on the default 256 x 256 x 64 grid (0.9375 x 0.9375 x 2.5 mm):
     noisy local field -> chi by FOCUSS with and without the prior, and TKD, all at their
-    defaults. The phantom's magnitude is noise-free, so the default ``preset="auto"`` picks
-    ``simulation``; the ``invivo`` preset is measured on the same data too."""
+    defaults. The phantom's magnitude is noise-free, so the rule trusts its edges fully (edge
+    trust 1); the other end of the rule (edge trust 0, an untrusted magnitude) is measured on the
+    same data too."""
     ph = make_phantom()
     field = noisy(ph.field_local, ph.mask)
     runs = {}
@@ -61,8 +62,8 @@ def phantom_runs():
         ("focuss", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, ph.magnitude)),
         ("focuss_no_prior", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir,
                                               ph.magnitude, prior="none")),
-        ("focuss_invivo", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir,
-                                            ph.magnitude, preset="invivo")),
+        ("focuss_untrusted", lambda: fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir,
+                                               ph.magnitude, **fq.rule_parameters(0.0))),
         ("tkd", lambda: inversion.tkd(field, ph.mask, ph.voxel_size, ph.b0_dir)),
     ]:
         t0 = time.perf_counter()
@@ -84,13 +85,13 @@ def phantom_runs():
 
 def test_phantom_focuss_meets_the_original_figure(phantom_runs):
     r = phantom_runs["focuss"]
-    # the default preset="auto" trusts a noise-free magnitude's edges
-    assert r["info"]["preset"] == "auto" and r["info"]["preset_used"] == "simulation"
+    # the rule trusts a noise-free magnitude's edges fully
+    assert r["info"]["edge_trust"] == 1.0
     assert r["info"]["magnitude_snr"] == "inf"
     assert r["nrmse"] <= 1.3, f"NRMSE {r['nrmse']:.2f} %"
-    # the in-vivo preset on the same data: 10.2 % measured, still far ahead of TKD
-    d = phantom_runs["focuss_invivo"]
-    assert d["info"]["preset_used"] == "invivo"
+    # the rule's other end (edge trust 0) on the same data: 10.2 % measured, still far ahead of TKD
+    d = phantom_runs["focuss_untrusted"]
+    assert d["info"]["parameters"]["floor"] == pytest.approx(0.316)
     assert d["nrmse"] < 12.0 and d["nrmse"] < phantom_runs["tkd"]["nrmse"] / 2, d["nrmse"]
     assert r["vessel_contrast"] >= 0.9, f"magic-angle vessel recovered {r['vessel_contrast']:.3f}"
     assert r["ssim"] > 0.99
@@ -140,22 +141,22 @@ def test_qsm2016_challenge():
     d = load_qsm2016()
     field, magn, mask = d["field"], d["magnitude"], d["mask"]
     chi33, cosmos, vox, b0 = d["chi_33"], d["cosmos"], d["voxel_size"], d["b0_dir"]
-    chi, info = fq.focuss(field, mask, vox, b0, magn)  # defaults: preset="auto"
+    chi, info = fq.focuss(field, mask, vox, b0, magn)  # defaults: the rule
     err33, errc = metrics.nrmse(chi, chi33, mask), metrics.nrmse(chi, cosmos, mask)
     hfen33 = metrics.hfen(chi, chi33, mask)
     l2, _ = inversion.l2(field, mask, vox, b0)
     print(f"qsm2016 focuss: NRMSE {err33:.1f} % vs chi33, {errc:.1f} % vs COSMOS, "
-          f"HFEN {hfen33:.1f} % vs chi33 ({info['seconds']:.1f} s, preset {info['preset_used']}); "
+          f"HFEN {hfen33:.1f} % vs chi33 ({info['seconds']:.1f} s, edge trust {info['edge_trust']}); "
           f"l2 {metrics.nrmse(l2, chi33, mask):.1f} / {metrics.nrmse(l2, cosmos, mask):.1f} %")
-    # a real magnitude (SNR about 23 by fq.noise_sd): auto chooses the in-vivo preset
-    assert info["preset_used"] == "invivo" and 10 < info["magnitude_snr"] < 50
+    # a real magnitude (SNR about 23 by fq.noise_sd): edge trust 0, the rule's in-vivo end
+    assert info["edge_trust"] == 0.0 and 10 < info["magnitude_snr"] < 50
     assert err33 <= 75.0, f"NRMSE vs chi33 {err33:.1f} %"
     assert errc <= 60.0, f"NRMSE vs COSMOS {errc:.1f} %"
     assert err33 < metrics.nrmse(l2, chi33, mask) and errc < metrics.nrmse(l2, cosmos, mask)
     assert hfen33 < metrics.hfen(l2, chi33, mask)
     # per-ROI means (evaluation_mask, 11 regions; each map relative to its mean in the mask):
     # measured mean |error| 22.2 ppb vs chi_33 and a slope of 0.66 against chi_33's ROI means:
-    # the in-vivo preset's regularisation shrinks the deep gray contrast by a third (L2 10.8
+    # the rule's in-vivo end shrinks the deep gray contrast by a third (L2 10.8
     # ppb, TKD 10.0 ppb; with refine=30, 16.3 ppb and 0.79). The bars guard against worse.
     ev = d["labels"]
     ours, ref = [], []
@@ -212,12 +213,12 @@ def test_no_magnitude_falls_back_to_no_prior(small):
     ph, field = small
     _, info = fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, None, outer=1, refine=2)
     assert info["prior"] == "none" and "no magnitude" in info["fallback"]
-    assert info["preset_used"] == "invivo"
+    assert info["edge_trust"] == 0.0
 
 
-def test_auto_preset_follows_the_magnitude_snr(small):
-    """``preset="auto"``: the same phantom with its magnitude acquired at SNR 100 (noisy edges)
-    gets ``invivo``; at SNR 1000 (about 690 measured) and noise-free, ``simulation``. The SNR
+def test_edge_trust_follows_the_magnitude_snr(small):
+    """The rule: the same phantom with its magnitude acquired at SNR 100 (noisy edges) gets a
+    partial edge trust; at SNR 1000 (about 690 measured) and noise-free, full trust. The SNR
     estimate follows the noise added (0.74 x the nominal SNR: the 99th percentile of this
     magnitude is below its maximum, 1)."""
     from qsmkit.simulate import simulate_acquisition
@@ -228,12 +229,13 @@ def test_auto_preset_follows_the_magnitude_snr(small):
         mag = simulate_acquisition(ph, snr=snr, seed=3).magnitude
         mag = mag[..., 0] if mag.ndim == 4 else mag
         _, info = fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, mag, outer=1, refine=0)
-        chosen[snr] = info["preset_used"]
+        chosen[snr] = info["edge_trust"]
         assert 0.4 * snr < info["magnitude_snr"] < 1.2 * snr, (snr, info["magnitude_snr"])
     _, info = fq.focuss(field, ph.mask, ph.voxel_size, ph.b0_dir, ph.magnitude, outer=1,
                         refine=0)
-    chosen["noise-free"] = info["preset_used"]
-    assert chosen == {100.0: "invivo", 1000.0: "simulation", "noise-free": "simulation"}
+    chosen["noise-free"] = info["edge_trust"]
+    assert 0.1 < chosen[100.0] < 0.6 and chosen[1000.0] == 1.0 and chosen["noise-free"] == 1.0, chosen
+    assert info["parameters"]["floor"] == pytest.approx(1e-3)
 
 
 def test_all_zero_magnitude_without_prior_is_ignored(small):
@@ -263,7 +265,7 @@ def test_prior_variants_run(small, prior):
     (lambda a: {**a, "voxel_size": (1.0, 0.0, 1.0)}, "voxel size"),
     (lambda a: {**a, "b0_dir": (0.0, 0.0, 0.0)}, "B0 direction"),
     (lambda a: {**a, "prior": "edges"}, "unknown FOCUSS prior"),
-    (lambda a: {**a, "preset": "fast"}, "unknown FOCUSS preset"),
+    (lambda a: {**a, "preset": "invivo"}, "unknown FOCUSS parameter"),
     (lambda a: {**a, "lamda": 0.1}, "unknown FOCUSS parameter"),
     (lambda a: {**a, "p": 3.0}, "diversity exponent"),
     (lambda a: {**a, "outer": -1}, "non-negative integer"),

@@ -84,7 +84,8 @@ def test_tv_admm_reaches_the_minimum_of_its_objective():
     mag = (1.0 + 0.5 * labels + 0.05 * rng.standard_normal(shape)).astype(np.float32)
     mask = np.ones(shape, bool)
     alpha = 2e-4
-    ours, info = ib.tv(field, mask, vox, b0, mag, alpha=alpha, max_iter=600, tol=1e-6, pad_mm=0)
+    ours, info = ib.tv(field, mask, vox, b0, mag, alpha=alpha, mu1_factor=100.0, max_iter=600, tol=1e-6,
+                       pad_mm=0)
     assert info["grid"] == list(shape)
     assert info["primal_residual"] < 1e-3 and info["dual_residual"] < 1e-2, info
 
@@ -150,6 +151,7 @@ def phantom_runs():
         runs[name] = {"nrmse": metrics.nrmse(chi, ph.chi_brain, ph.mask),
                       "hfen": metrics.hfen(chi, ph.chi_brain, ph.mask), "info": info}
         print(f"phantom {name}: NRMSE {runs[name]['nrmse']:.2f} % HFEN {runs[name]['hfen']:.2f} %")
+    runs["voxel_size"] = tuple(ph.voxel_size)
     return runs
 
 
@@ -186,11 +188,14 @@ def test_phantom_lsqr(phantom_runs):
 def test_info_is_serialisable_and_complete(phantom_runs):
     tv = phantom_runs["tv"]["info"]
     json.dumps(tv)
-    assert tv["alpha"] == 2e-3 and tv["alpha_from"] == "given"
+    # the noise rule: alpha = 0.5 sigma h with sigma estimated near the true noise SD
+    assert tv["alpha_from"] == "noise rule" and 0.5 * NOISE_PPM < tv["noise_sd_ppm"] < 2 * NOISE_PPM
+    h = float(np.prod(phantom_runs["voxel_size"])) ** (1 / 3)
+    assert tv["alpha"] == pytest.approx(ib.ALPHA_KAPPA * tv["noise_sd_ppm"] * h, rel=1e-6)
     assert tv["stopped_by"] == "tol" and 1 <= tv["iterations"] <= 100
     assert tv["relative_change"] < tv["tol"]
     assert 0 < tv["primal_residual"] < 0.05 and 0 < tv["dual_residual"] < 0.05
-    assert tv["weights"] == "magnitude" and tv["mu1"] == pytest.approx(100 * tv["alpha"])
+    assert tv["weights"] == "magnitude" and tv["mu1"] == pytest.approx(30 * tv["alpha"])
     ls = phantom_runs["lsqr"]["info"]
     json.dumps(ls)
     assert ls["iterations"] == 5 and ls["stopped_by"] == "max_iter"

@@ -119,7 +119,8 @@ assert logic.getParameterNode().GetParameter("ChiStatisticsPlugin.enabled") == "
 assert SampleData.SampleDataLogic().sourceForSampleName("QSMPhantom") is not None
 import QSM
 missing = QSM.QSMLogic.missingRequirements()
-assert {m.split(">")[0] for m in missing} == {"scipy", "nibabel", "scikit-image", "tqdm", "numba"}, missing
+assert {m.split(">")[0] for m in missing} == {"scipy", "nibabel", "scikit-image", "tqdm", "numba",
+                                              "matplotlib"}, missing
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not loaded, loaded
 print("OK")

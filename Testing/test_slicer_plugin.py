@@ -219,3 +219,22 @@ def test_without_qsmkit_or_with_a_failure_segment_statistics_still_works(env, da
     assert (gp, "ChiStatisticsPlugin.chi_mean") not in stats
     assert (gp, "ScalarVolumeSegmentStatisticsPlugin.mean") in stats
     assert "resampling failed" in caplog.text
+
+
+def test_a_chi_map_from_a_file_is_measured_once_marked(env, data):
+    """Slicer reads no units from NIfTI: a chi map loaded from a qsmkit output file is not
+    measured until ``QSMLogic.markAsChiMap`` records them (and applies the chi preset)."""
+    slicer, logic_cls = env
+    import QSM
+
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chi from file")
+    sa.update_volume_from_array(node, data["chi"], affine=data["affine"])
+    gp = data["ids"]["gp"]
+    _logic, stats = run(logic_cls, data["seg"], node)
+    assert (gp, "ChiStatisticsPlugin.chi_mean") not in stats
+    QSM.QSMLogic.markAsChiMap(node)
+    display = node.GetDisplayNode()
+    assert display.GetWindow() == pytest.approx(0.30) and display.GetLevel() == 0
+    _logic, stats = run(logic_cls, data["seg"], node)
+    values = data["chi"][data["gp"]].astype(np.float64)
+    assert stats[gp, "ChiStatisticsPlugin.chi_mean"] == pytest.approx(values.mean(), abs=1e-9)

@@ -28,6 +28,7 @@ METHODS = [
     ("pdf, magnitude-weighted", "pdf", {"weights": "magnitude"}),
     ("vsharp", "vsharp", {}),
     ("resharp", "resharp", {}),
+    ("tfi-fast (default)", "tfi-fast", {"magnitude": "magnitude"}),
     ("tfi (pdf + source prior)", "tfi", {"magnitude": "magnitude"}),
     ("tfi, no magnitude (plain TV)", "tfi", {}),
 ]

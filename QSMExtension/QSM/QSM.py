@@ -599,6 +599,8 @@ class QSMTest(ScriptedLoadableModuleTest):
         self.test_QSM_pipeline_matches_qsmkit()
         self.setUp()
         self.test_QSM_segment_statistics()
+        self.setUp()
+        self.test_QSM_sample_data_and_chi_plugin()
 
     def _phantom(self):
         logic = QSMLogic()
@@ -634,3 +636,23 @@ class QSMTest(ScriptedLoadableModuleTest):
         self.assertTrue(len(rows) > 0)
         self.assertTrue(all(np.isfinite(r["mean"]) for r in rows if r["voxels"]))
         self.delayDisplay("Test passed")
+
+    def test_QSM_sample_data_and_chi_plugin(self):
+        """Sample Data loads the phantom; Segment Statistics, with the QSM chi plugin, measures
+        a chi map and adds no chi column for the magnitude."""
+        import SampleData
+        from SegmentStatistics import SegmentStatisticsLogic
+
+        magnitude, phase, segmentation = SampleData.downloadSamples("QSMPhantom")
+        self.assertTrue(segmentation.IsA("vtkMRMLSegmentationNode"))
+        nodes = QSMLogic().runPipeline(magnitude, phase, echoTimes=[0.02], fieldStrength=3.0)
+        logic = SegmentStatisticsLogic()
+        params = logic.getParameterNode()
+        params.SetParameter("Segmentation", segmentation.GetID())
+        for volume, expectChi in ((nodes["chi"], True), (magnitude, False)):
+            params.SetParameter("ScalarVolume", volume.GetID())
+            logic.computeStatistics()
+            keys = [k for k in logic.getStatistics() if isinstance(k, tuple)]
+            self.assertEqual(any(k[1].startswith("ChiStatisticsPlugin.") for k in keys), expectChi)
+        self.delayDisplay("Test passed")
+

@@ -66,8 +66,8 @@ def resolve_device(device: str = "auto") -> str:
         return "gpu" if gpu_available() else "cpu"
     if device == "gpu" and not gpu_available():
         raise QSMInputError(
-            "--device gpu needs cupy and a CUDA GPU; install with `pip install qsmkit[gpu]` "
-            "or use --device cpu"
+            "--device gpu needs cupy and a CUDA GPU; install cupy with `pip install -e '.[gpu]'` "
+            "in the qsmkit checkout, or use --device cpu"
         )
     return device
 

@@ -177,7 +177,7 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
     """Run the pipeline on one subject and write its derivatives. Never raises: the outcome
     (``status`` ok/failed, ``error`` one line, ``seconds``) is returned, so one broken subject
     does not stop a cohort."""
-    from . import io, stats
+    from . import io, report, stats
     from .echoes import combine_magnitude
     from .pipeline import PipelineConfig, run_pipeline, sidecar
     t0 = time.perf_counter()
@@ -194,7 +194,8 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
         paths = output_paths(out_root, subject)
         meta = sidecar(cfg, res.stages, inputs={"magnitude": subject.magnitude,
                                                 "phase": subject.phase, "te": te, "b0": b0},
-                       extra={"units": {"chi": "ppm", "field": "ppm"}, "subject": subject.key})
+                       extra={"units": {"chi": "ppm", "field": "ppm"}, "subject": subject.key,
+                              **report.pipeline_record(res.stages)})
         # all derivatives are staged and move into place together (``io.OutputSet``): a
         # subject that fails or is interrupted leaves none of them
         with io.OutputSet() as outset:
@@ -264,9 +265,22 @@ def make_client(workers=None, memory_limit="auto", scheduler=None, device="cpu")
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
-        raise QSMInputError("qsmkit batch needs Dask: pip install 'qsmkit[batch]'") from None
+        raise QSMInputError("qsmkit batch needs Dask: pip install 'dask[distributed]' (or "
+                            "pip install -e '.[batch]' in the qsmkit checkout)") from None
+    if memory_limit not in (None, "auto"):
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(memory_limit)
+        except (ValueError, TypeError):
+            raise QSMInputError(f"--memory-limit {memory_limit!r} is not a size such as 4GB or "
+                                "500MB") from None
     if scheduler:
-        return Client(scheduler)
+        try:
+            return Client(scheduler, timeout=30)
+        except (OSError, ValueError, TypeError) as err:
+            raise QSMInputError(f"cannot reach the Dask scheduler {scheduler} ("
+                                f"{' '.join(str(err).split())[:200]})") from None
     if device == "gpu":
         try:
             from dask_cuda import LocalCUDACluster  # one worker pinned to each GPU
@@ -279,8 +293,10 @@ def make_client(workers=None, memory_limit="auto", scheduler=None, device="cpu")
     n = workers or max(1, (os.cpu_count() or 2) // 2)
     # threads_per_worker=1: each subject's FFTs already use the worker's cores through scipy;
     # a subject whose worker dies (out of memory, a crash) is retried once on a fresh worker,
-    # then reported as failed (Dask's default is three retries)
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+    # then reported as failed (Dask's default is three retries); a worker is sent one subject
+    # at a time (saturation 1.0), so only the subject it was running is blamed for its death
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+                          "distributed.scheduler.worker-saturation": 1.0}):
         return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    memory_limit=memory_limit, dashboard_address=None))
 
@@ -312,10 +328,9 @@ def run_batch(bids_root, out_root=None, participants=None, sessions=None, config
     cluster fails (``interrupted`` then says so and ``not_run`` lists the subjects left).
     ``task`` replaces ``process_subject`` (same signature), e.g. in tests.
     """
-    from tqdm import tqdm
-
     from .errors import warn
     from .pipeline import PipelineConfig
+    from .progress import Progress
 
     out_root = Path(out_root or Path(bids_root) / "derivatives" / "qsmkit")
     problems = []
@@ -335,7 +350,7 @@ def run_batch(bids_root, out_root=None, participants=None, sessions=None, config
     try:
         if todo:
             _run_tasks(results, todo, out_root, config, reference, workers, memory_limit,
-                                 scheduler, progress, task or process_subject, tqdm)
+                                 scheduler, progress, task or process_subject, Progress)
     except BaseException as err:  # Ctrl-C, SIGTERM, a cluster that went away: still summarise
         interrupted = f"{type(err).__name__}: {' '.join(str(err).split())}".rstrip(": ")
         raise
@@ -346,7 +361,7 @@ def run_batch(bids_root, out_root=None, participants=None, sessions=None, config
 
 
 def _run_tasks(results, todo, out_root, config, reference, workers, memory_limit, scheduler,
-               progress, task, tqdm) -> None:
+               progress, task, progress_class) -> None:
     """One Dask task per subject; a task that fails on the Dask side (a killed worker) gives
     a failed outcome for its subject, the others go on. Outcomes are appended to ``results``
     as they come, so an interrupted run still reports the finished ones."""
@@ -357,16 +372,15 @@ def _run_tasks(results, todo, out_root, config, reference, workers, memory_limit
         futures = {client.submit(task, s, str(out_root), config, reference,
                                  key=f"qsmkit-{s.key}-{time.time_ns()}", pure=False): s
                    for s in todo}
-        with tqdm(total=len(futures), desc="qsmkit batch", unit="subject",
-                  disable=not progress) as bar:
+        # a bar on a terminal, plain lines in a log (qsmkit.progress)
+        with progress_class(len(futures), not progress, "qsmkit batch", "subject") as bar:
             for fut in as_completed(futures):
                 try:
                     r = fut.result()
                 except Exception as err:  # KilledWorker (OOM, segfault) and the like
                     r = _task_failure(futures[fut], err, memory_limit)
                 results.append(r)
-                bar.set_postfix_str(f"{r['subject']} {r['status']}")
-                bar.update()
+                bar(f"{r['subject']} {r['status']}", len(results))
     finally:
         cluster = getattr(client, "cluster", None)
         client.close()

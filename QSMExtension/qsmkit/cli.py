@@ -100,9 +100,10 @@ def field_in_mask(field, mask, path):
     return io.fill_outside_mask(field, mask, path, "field").astype(np.float32)
 
 
-def load_weights(args, like: io.Volume):
+def load_weights(args, like: io.Volume, mask=None):
     """Noise weights for background removal: ``--weights`` (e.g. a magnitude image, larger =
-    more reliable) or ``--noise`` (field noise SD, weight = 1/SD). None when neither is given."""
+    more reliable) or ``--noise`` (field noise SD, weight = 1/SD). None when neither is given.
+    NaN/Inf inside ``mask`` are an error, outside it they are ignored."""
     if args.weights and args.noise:
         raise QSMInputError("give --weights or --noise, not both")
     path = args.weights or args.noise
@@ -111,6 +112,7 @@ def load_weights(args, like: io.Volume):
     vol = io.load_volume(path, what="weights" if args.weights else "noise map",
                          allow_complex=False)
     io.check_same_grid(like, vol, "field", "weights" if args.weights else "noise map")
+    vol.data = io.finite_in_mask(vol.data, mask, path, "weights" if args.weights else "noise map")
     data = combine_magnitude(vol.data) if vol.data.ndim == 4 else np.asarray(vol.data, np.float32)
     if data.ndim != 3:
         raise QSMInputError(f"must be 3-D, got shape {data.shape}", path)
@@ -122,17 +124,19 @@ def load_weights(args, like: io.Volume):
     return data
 
 
-def load_magnitude_like(path, like: io.Volume):
-    """A magnitude image (3-D, or echoes combined) on the grid of ``like``, finite."""
+def load_magnitude_like(path, like: io.Volume, mask=None):
+    """A magnitude image (3-D, or echoes combined) on the grid of ``like``, finite (inside
+    ``mask`` when given; NaN/Inf outside it become 0)."""
     mvol = io.load_echoes([path], what="magnitude", allow_complex=False)
     io.check_same_grid(like, mvol, "field", "magnitude")
-    io.require_finite(mvol.data, path, "magnitude")
+    mvol.data = io.finite_in_mask(mvol.data, mask, path, "magnitude")
     return combine_magnitude(mvol.data)
 
 
 def load_mask(path, like: io.Volume, what="mask"):
     vol = io.load_volume(path, what=what, allow_complex=False)
     io.check_same_grid(like, vol, "image", what)
+    io.require_finite(vol.data, path, what)
     if vol.data.ndim != 3:
         raise QSMInputError(f"{path}: {what} must be 3-D, got shape {vol.data.shape}")
     mask = np.asarray(vol.data) > 0
@@ -148,6 +152,7 @@ def cmd_simulate(args):
 
     units.check_b0(args.b0)
     units.check_te(args.te)
+    _check_shape(args.shape, args.coils + 1 if args.coils else 1)
     b0_dir = np.asarray(args.b0_dir if args.b0_dir else (0.0, 0.0, 1.0), dtype=float)
     t0 = time.perf_counter()
     ph = make_phantom(shape=tuple(args.shape), voxel_size=tuple(args.voxel_size),
@@ -159,6 +164,11 @@ def cmd_simulate(args):
     files = write_simulation(args.out, ph, acq, params, seconds=time.perf_counter() - t0)
     report.summary("simulate", f"phantom {'x'.join(map(str, ph.chi.shape))}",
                    time.perf_counter() - t0, files, args.quiet)
+
+
+def _check_shape(shape, copies=1):
+    """Refuse a simulation whose float32 volume (times ``copies``) is above the memory ceiling."""
+    io.check_claim(None, [*shape, max(int(copies), 1)], 4, "the requested phantom")
 
 
 def _read_inputs(args):
@@ -233,7 +243,8 @@ def cmd_run(args):
     cfg = _config(args).resolved()
     names = ("mask", "field_total", "field_local", "local_mask", "chi")
     outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
-    check_outputs(outs.values(), [*(args.magnitude or []), *(args.phase or []), args.mask])
+    check_outputs([*outs.values(), os.path.join(args.out, "mask_qc.png")],
+                  [*(args.magnitude or []), *(args.phase or []), args.mask])
     b0_dir = b0_dir_for(pha, args.b0_dir)
     progress = Progress(len(STAGES), args.quiet, "qsmkit run")
     try:
@@ -244,21 +255,22 @@ def cmd_run(args):
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
                                             "dicom": args.dicom, "mask": args.mask, "te": te,
                                             "b0": b0, "b0_dir_voxel": list(map(float, b0_dir)),
-                                            **_phase_record(pha),
-                                            "apodize": getattr(args, "apodize", 0.0)},
+                                            "apodize": getattr(args, "apodize", 0.0),
+                                            **_phase_record(pha)},
                    extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg),
                           **report.pipeline_record(res.stages),
                           "mask_volume_ml": round(qc.mask_volume_ml(res.mask, pha.voxel_size), 1)})
-    with io.OutputSet() as outset:  # all five (and sidecars) move into place together
+    qc_png = os.path.join(args.out, "mask_qc.png")
+    with io.OutputSet() as outset:  # all five (and sidecars, and the QC figure) move in together
         for n, path in outs.items():
             data = getattr(res, n)
             io.save_volume(outset.path(path), data, pha.affine, sidecar=meta,
                            dtype=np.uint8 if data.dtype == bool else np.float32)
-        qc.write_mask_qc(outset.path(os.path.join(args.out, "mask_qc.png")), mag.data, res.mask,
-                         pha.affine)
+        qc.write_mask_qc(outset.path(qc_png), mag.data, res.mask, pha.affine)
     if not args.quiet:
         print_stage_times(res.stages)
-    report.summary("run", meta["method"], time.perf_counter() - t_start, outs.values(), args.quiet)
+    report.summary("run", meta["method"], time.perf_counter() - t_start, [*outs.values(), qc_png],
+                   args.quiet)
 
 
 def _phase_record(pha):
@@ -279,6 +291,7 @@ def cmd_mask(args):
     io.require_finite(vol.data, args.magnitude[0], "magnitude")
     warn_if_not_magnitude(vol.data, args.magnitude[0])
     check_outputs([args.out], args.magnitude)
+    units.check_non_negative("--erode", args.erode)
     method = MASKING.resolve(args.method)
     params = MASKING.validate_params(method, parse_params(args.param))
     if args.erode:
@@ -315,13 +328,13 @@ def warn_if_not_magnitude(data, path):
 def cmd_unwrap(args):
     t_start = time.perf_counter()
     pha = io.load_echoes(args.phase, what="phase", allow_complex=False)
-    io.require_finite(pha.data, args.phase[0], "phase")
     inputs = [*args.phase, args.magnitude, args.mask]
     mask = load_mask(args.mask, pha) if args.mask else None
+    pha.data = io.finite_in_mask(pha.data, mask, args.phase[0], "phase")
     if args.magnitude:
         mag = io.load_echoes([args.magnitude], what="magnitude", allow_complex=False)
         io.check_same_grid(pha, mag, "phase", "magnitude")
-        io.require_finite(mag.data, args.magnitude, "magnitude")
+        mag.data = io.finite_in_mask(mag.data, mask, args.magnitude, "magnitude")
     check_outputs([args.out], inputs)
     method = UNWRAPPING.resolve(args.method)
     params = UNWRAPPING.validate_params(method, parse_params(args.param))
@@ -374,8 +387,9 @@ def cmd_combine(args):
     if mag.data.ndim not in (4, 5):
         raise QSMInputError(f"channel images must be 4-D (x, y, z, channel) or 5-D (x, y, z, echo, "
                             f"channel), got shape {mag.data.shape}", args.magnitude)
-    io.require_finite(mag.data, args.magnitude, "channel magnitude")
-    io.require_finite(pha.data, args.phase, "channel phase")
+    mask = load_mask(args.mask, mag) if args.mask else None
+    mag.data = io.finite_in_mask(mag.data, mask, args.magnitude, "channel magnitude")
+    pha.data = io.finite_in_mask(pha.data, mask, args.phase or args.magnitude, "channel phase")
     body = body_phase = None
     if bool(args.body_magnitude) != bool(args.body_phase):
         raise QSMInputError("give both --body-magnitude and --body-phase, or neither")
@@ -385,10 +399,9 @@ def cmd_combine(args):
         for vol, path, what in ((bmag, args.body_magnitude, "body-coil magnitude"),
                                 (bpha, args.body_phase, "body-coil phase")):
             io.check_same_grid(mag, vol, "channel magnitude", what)
-            io.require_finite(vol.data, path, what)
+            vol.data = io.finite_in_mask(vol.data, mask, path, what)
         body = bmag.data.astype(np.float32)
         body_phase = io.phase_in_rad(bpha, args.body_phase, getattr(args, "phase_scale", None))
-    mask = load_mask(args.mask, mag) if args.mask else None
     n_echoes = mag.data.shape[3] if mag.data.ndim == 5 else 1
     # dcm2niix's EchoTime, or the "te" of a sidecar qsmkit wrote (simulate)
     own = pha.meta.get("software") == "qsmkit"
@@ -496,7 +509,7 @@ def cmd_background(args):
     vol, field = load_field(args.field, args.field_units, args.b0, args.te, allow_nan=True)
     mask = load_mask(args.mask, vol)
     field = field_in_mask(field, mask, args.field)
-    weights = load_weights(args, vol)
+    weights = load_weights(args, vol, mask)
     out_mask = args.out_mask or io.image_stem(args.out) + "_mask.nii.gz"
     check_outputs([args.out, out_mask], [args.field, args.mask, args.weights, args.noise,
                                          args.magnitude])
@@ -511,7 +524,7 @@ def cmd_background(args):
             raise QSMInputError(f"{args.magnitude}: --magnitude is used by tfi only; {method} "
                                 "takes noise weights (--weights)")
         params["magnitude"] = backend.to_device(
-            load_magnitude_like(args.magnitude, vol), device, backend.FLOAT)
+            load_magnitude_like(args.magnitude, vol, mask), device, backend.FLOAT)
     local, new_mask, info = func(
         backend.to_device(field, device, backend.FLOAT), backend.to_device(mask, device),
         vol.voxel_size, b0_dir,
@@ -536,7 +549,7 @@ def cmd_invert(args):
     vol, field = load_field(args.field, args.field_units, args.b0, args.te, allow_nan=True)
     mask = load_mask(args.mask, vol)
     field = field_in_mask(field, mask, args.field)
-    mag = load_magnitude_like(args.magnitude, vol) if args.magnitude else None
+    mag = load_magnitude_like(args.magnitude, vol, mask) if args.magnitude else None
     region = None
     if args.reference and args.reference != "mask":
         from .stats import label_map
@@ -578,6 +591,7 @@ def cmd_stats(args):
     from . import stats
 
     t_start = time.perf_counter()
+    units.check_non_negative("--erode", args.erode)
     chi = io.load_volume(args.chi, what="chi map", allow_complex=False, allow_shear=True)
     if chi.data.ndim != 3:
         raise QSMInputError(f"chi map must be 3-D, got shape {chi.data.shape}", args.chi)
@@ -792,6 +806,9 @@ class PartialFailure(Exception):
 def cmd_demo(args):
     from . import demo
 
+    units.check_b0(args.b0)
+    units.check_te(args.te)
+    _check_shape(args.shape)
     demo.run_demo(args.out, shape=tuple(args.shape), voxel_size=tuple(args.voxel_size),
                   seed=args.seed, snr=args.snr, te=tuple(args.te), b0=args.b0,
                   config=_config(args), quiet=args.quiet)
@@ -857,16 +874,18 @@ def cmd_methods(args):
     for stage in stages:
         registry, how = _method_stages()[stage]
         if registry is None:
-            blocks.append(f"== field ({how})\n" + describe_method("field"))
+            if not args.method:
+                blocks.append(f"== field ({how})\n" + describe_method("field"))
             continue
         auto = _auto_rule(registry)
         if stage == "combination":
             auto = "bodycoil with a body coil, else mcpc3ds for 2+ echoes, else adaptive"
         names = [args.method] if args.method else registry.names()
-        unknown = [n for n in names if n not in registry.names()]
-        if unknown:
-            raise QSMInputError(f"no {stage} method {unknown[0]}; choose one of "
-                                f"{', '.join(registry.names())}")
+        if args.method and args.method not in registry.names():
+            if args.stage:
+                raise QSMInputError(f"no {stage} method {args.method}; choose one of "
+                                    f"{', '.join(registry.names())}")
+            continue
         out = [f"== {stage} ({how}; auto = {auto})"]
         for n in names:
             method = registry._methods[n]
@@ -875,7 +894,14 @@ def cmd_methods(args):
                 continue
             out.append(describe_method(stage, n))
         blocks.append("\n".join(out))
+    if not blocks:
+        raise QSMInputError(f"no stage has a method {args.method}")
     print("\n\n".join(blocks))
+
+
+#: the commands with a --list-params option
+LIST_PARAMS_COMMANDS = ("demo", "run", "field", "mask", "unwrap", "background", "invert", "batch",
+                        "combine")
 
 
 def list_params(argv) -> int:
@@ -1097,10 +1123,10 @@ def _add_run_command(sub):
     p.add_argument("--mask", metavar="FILE", help="brain mask (skips masking; default: computed)")
     p.add_argument("--apodize", type=float, default=0.0, metavar="ALPHA",
                    help="Tukey k-space window on the complex data before the field fit, against "
-                   "Gibbs rings at low matrix sizes (0 off, 1 Hann; see qsmkit.kspace)")
+                   "Gibbs rings at low matrix sizes (0 off, 1 Hann; see qsmkit.kspace) (default 0)")
     p.add_argument("--steep-field", type=float, default=0.0, metavar="FENCE",
                    help="drop mask voxels whose field gradient lies beyond Q3 + FENCE x IQR before "
-                   "background removal (e.g. 3: next to sinuses); 0 off")
+                   "background removal (e.g. 3: next to sinuses); 0 off (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_methods(p)
     _add_b0_dir(p)
@@ -1355,7 +1381,10 @@ COMMANDS = (_add_demo_command, _add_run_command, _add_simulate_command, _add_com
 
 
 def build_parser():
-    parser = OneLineParser(prog="qsmkit", description=__doc__.split("\n")[0])
+    parser = OneLineParser(
+        prog="qsmkit", description="Quantitative susceptibility mapping (QSM): the whole pipeline, "
+        "one command per stage, simulation, a demo and ROI statistics. 'qsmkit COMMAND --help' "
+        "describes each command; 'qsmkit methods' lists every method's parameters.")
     parser.add_argument("--version", action="version", version=f"qsmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in COMMANDS:
@@ -1381,7 +1410,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _or
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if "--list-params" in argv and "--help" not in argv and "-h" not in argv:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if ("--list-params" in argv and "--help" not in argv and "-h" not in argv
+            and command in LIST_PARAMS_COMMANDS):
         try:
             return list_params(argv)
         except QSMInputError as err:
@@ -1415,6 +1446,9 @@ def main(argv=None) -> int:
         print(f"qsmkit: {what}; outputs left as they were before this run "
               f"({_interrupted_note(args)})", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stdout = open(os.devnull, "w")
+        return 0
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old_term)

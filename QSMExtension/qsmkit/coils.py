@@ -295,9 +295,9 @@ def check_echo_times(te, n_echoes, required=False, method=""):
     if t.size != n_echoes:
         raise QSMInputError(f"{t.size} echo times given for {n_echoes} echo(es)")
     if not np.all(np.isfinite(t)) or np.any(t <= 0):
-        raise QSMInputError(f"echo times must be positive, got {list(t)}")
+        raise QSMInputError(f"echo times must be positive, got {[float(x) for x in t]}")
     if np.any(np.diff(t) <= 0):
-        raise QSMInputError(f"echo times must increase, got {list(t)}")
+        raise QSMInputError(f"echo times must increase, got {[float(x) for x in t]}")
     return t
 
 

@@ -150,7 +150,7 @@ def fsl_unavailable_reason(setting=None) -> str | None:
     try:
         import fsl.wrappers  # noqa: F401
     except ImportError:
-        return "fslpy is not installed (pip install fslpy, or pip install qsmkit[fsl])"
+        return "fslpy is not installed (pip install fslpy)"
     return None
 
 
@@ -205,7 +205,7 @@ def _import_wrappers():
         import fsl.wrappers as wrappers
     except ImportError as exc:
         raise FSLNotFoundError(
-            "fslpy is not installed: pip install fslpy (or pip install qsmkit[fsl]); "
+            "fslpy is not installed: pip install fslpy; "
             f"FSL itself: {FSL_INSTALL_URL}"
         ) from exc
     return wrappers

@@ -21,71 +21,9 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .dipole import apply_kernel, dipole_kernel, k_grids, pad_to, padded_shape
+from .dipole import apply_kernel, dipole_kernel, pad_to, padded_shape
 from .errors import QSMInputError
-from .registry import Registry
-
-INVERSION = Registry("inversion", default="focuss")
-
-
-def default_pad(shape):
-    """Zero padding against wrap-around: a quarter of each axis (at least 8 voxels)."""
-    return [max(8, n // 4) for n in shape]
-
-
-def check_inputs(field, mask, voxel_size, b0_dir, magnitude=None, noise_weights=None, *,
-                 method="", nonnegative_magnitude=False):
-    """The iterative inversions' inputs checked and cast: ``(xp, field, mask, voxel_size list,
-    unit b0 (numpy), magnitude, noise_weights)`` as float32 arrays (numpy or cupy as given), or
-    a one-line :class:`QSMInputError` (prefixed ``method: `` when a method is named). Noise
-    weights, and the magnitude with ``nonnegative_magnitude``, must be >= 0 in the mask."""
-    import math
-
-    say = f"{method}: " if method else ""
-    xp = get_array_module(field)
-    f = xp.asarray(field)
-    if f.ndim != 3:
-        raise QSMInputError(f"{say}field must be a 3-D volume, got shape {tuple(f.shape)}")
-    f = f.astype(backend.FLOAT, copy=False)
-    m = xp.asarray(mask).astype(bool) if mask is not None else xp.ones(f.shape, dtype=bool)
-    if m.shape != f.shape:
-        raise QSMInputError(f"{say}mask shape {tuple(m.shape)} does not match field shape "
-                            f"{tuple(f.shape)}")
-    if not bool(m.any()):
-        raise QSMInputError(f"{say}mask is empty")
-    try:
-        vox = [float(v) for v in np.asarray(voxel_size, dtype=float).reshape(3)]
-        b0 = np.asarray(backend.to_numpy(b0_dir), dtype=float).reshape(3)
-    except (TypeError, ValueError) as exc:
-        raise QSMInputError(f"{say}voxel size and B0 direction must be 3 numbers each: {exc}") from exc
-    if not all(math.isfinite(v) and v > 0 for v in vox):
-        raise QSMInputError(f"{say}voxel size must be positive and finite, got {vox}")
-    if not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
-        raise QSMInputError(f"{say}B0 direction must be finite and non-zero, got {list(b0)}")
-    inside = f[m]
-    if not bool(xp.all(xp.isfinite(inside))):
-        raise QSMInputError(f"{say}field has NaN or infinite values inside the mask")
-    if not bool(xp.any(inside != 0)):
-        raise QSMInputError(f"{say}field is all zeros inside the mask: nothing to invert")
-    arrays = []
-    for name, a, nonnegative in (("magnitude", magnitude, nonnegative_magnitude),
-                                 ("noise weights", noise_weights, True)):
-        if a is None:
-            arrays.append(None)
-            continue
-        a = xp.asarray(a)
-        if a.shape != f.shape:
-            raise QSMInputError(f"{say}{name} shape {tuple(a.shape)} does not match field shape "
-                                f"{tuple(f.shape)}")
-        a = a.astype(backend.FLOAT, copy=False)
-        if not bool(xp.all(xp.isfinite(a[m]))):
-            raise QSMInputError(f"{say}{name} has NaN or infinite values inside the mask"
-                                if not nonnegative else
-                                f"{say}{name} must be finite and non-negative inside the mask")
-        if nonnegative and bool(xp.any(a[m] < 0)):
-            raise QSMInputError(f"{say}{name} must be finite and non-negative inside the mask")
-        arrays.append(a)
-    return xp, f, m, vox, b0 / np.linalg.norm(b0), arrays[0], arrays[1]
+from .inversion_base import INVERSION, check_inputs, default_pad, gradient_symbol_sq, noise_sd  # noqa: F401
 
 
 def _prepare(field, mask):
@@ -111,16 +49,6 @@ def tkd(field, mask, voxel_size, b0_dir, magnitude=None, threshold=0.19):
 
     chi = apply_kernel(f, inverse, padded_shape(f.shape, default_pad(f.shape))) * m
     return chi, {"threshold": threshold}
-
-
-def gradient_symbol_sq(shape, voxel_size, xp=np, dtype=np.float32):
-    """sum_i |E_i(k)|^2 with E_i = (1 - exp(-2 pi i k_i d_i)) / d_i, the forward difference (1/mm^2)."""
-    total = None
-    unit = [1.0] * len(shape)
-    for g, d in zip(k_grids(shape, unit, xp=xp, real=True, dtype=dtype), voxel_size):
-        term = (2 - 2 * xp.cos(2 * np.pi * g)) / dtype(d * d)
-        total = term if total is None else total + term
-    return total
 
 
 def l_curve_lambda(field, voxel_size, b0_dir, pad_shape, lams=None):
@@ -192,6 +120,5 @@ def reference_chi(chi, mask, region=None):
     return xp.where(m, chi - chi.dtype.type(offset), 0).astype(chi.dtype), offset
 
 
-# FOCUSS registers itself into INVERSION; imported last because it builds on this module.
-# So do the LSQR and TV-ADMM baselines (inversion_baselines).
+# the other methods register themselves into INVERSION (they import only inversion_base)
 from . import focuss, inversion_baselines  # noqa: E402,F401

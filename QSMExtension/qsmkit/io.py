@@ -182,8 +182,8 @@ def _gb(n) -> str:
     return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n:,} bytes"
 
 
-def _check_claim(path, shape, itemsize, what) -> int:
-    """Refuse a header claim above the ceiling; returns the claimed data bytes."""
+def check_claim(path, shape, itemsize, what) -> int:
+    """Refuse a header claim (or a requested array) above the ceiling; returns its bytes."""
     shape = tuple(int(n) for n in shape)
     if any(n < 0 for n in shape):
         raise QSMInputError(f"cannot read {what} (header gives a negative size {shape})", path)
@@ -191,7 +191,8 @@ def _check_claim(path, shape, itemsize, what) -> int:
     ceiling = max_image_bytes()
     if claimed > ceiling:
         raise QSMInputError(
-            f"header claims {'x'.join(map(str, shape))} voxels of {itemsize} bytes "
+            f"{'header claims' if path is not None else what + ' needs'} "
+            f"{'x'.join(map(str, shape))} voxels of {itemsize} bytes "
             f"({_gb(claimed)}), above the ceiling of {_gb(ceiling)} (half the memory; set "
             f"{MAX_IMAGE_GB_ENV} to change it)", path)
     return claimed
@@ -224,9 +225,9 @@ def _gzip_holds_at_least(path, need, start=0, raw_zlib=False) -> None:
                     chunk = raw.read(_GZIP_CHUNK // 64)
                     if not chunk:
                         break
-                    total += len(dec.decompress(chunk, need - total + 1))
-                    while dec.unconsumed_tail and total < need:
-                        total += len(dec.decompress(dec.unconsumed_tail, need - total + 1))
+                    total += len(dec.decompress(chunk, _GZIP_CHUNK))
+                    while dec.unconsumed_tail and total < need:  # at most a chunk at a time
+                        total += len(dec.decompress(dec.unconsumed_tail, _GZIP_CHUNK))
             else:
                 with gzip.GzipFile(fileobj=raw) as f:
                     while total < need:
@@ -244,7 +245,7 @@ def _gzip_holds_at_least(path, need, start=0, raw_zlib=False) -> None:
 def _guard_nifti(path, what) -> None:
     img = nib.load(path, mmap=False)  # header only; the data are read later
     hdr = img.header
-    claimed = _check_claim(path, hdr.get_data_shape(), hdr.get_data_dtype().itemsize, what)
+    claimed = check_claim(path, hdr.get_data_shape(), hdr.get_data_dtype().itemsize, what)
     need = int(hdr.get_data_offset()) + claimed
     if path.lower().endswith(".gz"):
         _gzip_holds_at_least(path, need)
@@ -295,7 +296,7 @@ def _guard_nrrd(path, what) -> None:
         return  # SimpleITK gives the reason
     if fields.get("type", "").lower() == "block":
         itemsize = int(fields.get("blocksize", 1) or 1)
-    claimed = _check_claim(path, sizes, itemsize, what)
+    claimed = check_claim(path, sizes, itemsize, what)
     data_file = fields.get("data file", fields.get("datafile"))
     if data_file:
         if data_file.startswith("LIST") or "%" in data_file:
@@ -332,7 +333,7 @@ def _guard_metaimage(path, what) -> None:
         itemsize *= int(fields.get("elementnumberofchannels", 1))
     except (KeyError, ValueError):
         return
-    claimed = _check_claim(path, sizes, itemsize, what)
+    claimed = check_claim(path, sizes, itemsize, what)
     data_file = fields.get("elementdatafile", "LOCAL")
     if data_file.upper() != "LOCAL":
         if data_file.upper().startswith("LIST") or "%" in data_file:
@@ -357,7 +358,7 @@ def _guard_sitk(path, what) -> None:
     reader.ReadImageInformation()
     itemsize = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
                                                               reader.GetPixelID())).dtype).itemsize
-    _check_claim(path, [*reader.GetSize(), reader.GetNumberOfComponents()], itemsize, what)
+    check_claim(path, [*reader.GetSize(), reader.GetNumberOfComponents()], itemsize, what)
 
 
 def check_image_size(path, what="image") -> None:
@@ -1034,7 +1035,7 @@ def load_gre(magnitude_paths, phase_paths, te=None, b0=None, allow_nan=False):
     te_name = "--te" if te is not None else "EchoTime in the JSON sidecar"
     te = te if te is not None else pha.meta.get("EchoTime", pha.meta.get("te") if own else None)
     if te is None:
-        raise QSMInputError(f"{phase_paths[0]}: no echo time: its JSON sidecar has no EchoTime (s); "
+        raise QSMInputError(f"{phase_paths[0]}: missing echo time: its JSON sidecar has no EchoTime (s); "
                             "add it there, or give --te SECONDS (one per echo)")
     try:
         te = list(np.atleast_1d(np.asarray(te, dtype=float)))
@@ -1071,6 +1072,15 @@ def fill_outside_mask(data, mask, path, what="image"):
     if n_in:
         raise QSMInputError(f"{what} has {n_in} NaN/Inf voxels inside the mask", path)
     return np.where(bad, a.dtype.type(0), a)
+
+
+def finite_in_mask(data, mask, path, what="image"):
+    """``require_finite`` without a mask; with one, ``fill_outside_mask`` (NaN/Inf outside it
+    become 0, inside they are an error): what every command does with its --mask."""
+    if mask is None:
+        require_finite(data, path, what)
+        return data
+    return fill_outside_mask(data, mask, path, what)
 
 
 def phase_in_rad(volume: Volume, path, scale=None, info=None) -> np.ndarray:

@@ -3,7 +3,8 @@
 A bar redraws itself with carriage returns, which fill a log file or a pipe (a batch job, the
 Slicer panels' background process) with one fragment per redraw. When stderr is not a terminal
 each step is one line instead, ``qsmkit run: [2/4] background``: the count of steps done, then
-the step now running (``done`` at the end). ``--quiet`` silences both.
+the step now running; the last line, ``[4/4] inversion``, names the last step, as the bar's
+final state does. ``--quiet`` silences both.
 """
 
 from __future__ import annotations
@@ -55,14 +56,11 @@ class Progress:
             return
         total = self.total if total is None else total
         # called before and after each step: one line when a step starts, one at the end
-        if done >= total:
-            step = "done"
-        elif step == self._last:
-            return
-        if step == self._last == "done":
+        line = (step, done >= total)
+        if line == self._last or (step == (self._last or (None,))[0] and done < total):
             return
         print(f"{self.desc}: [{done}/{total}] {step}", file=self.stream, flush=True)
-        self._last = step
+        self._last = line
 
     def close(self):
         if self.bar is not None:
@@ -82,4 +80,4 @@ def iterate(items, desc, quiet=False, unit="step", name=str):
         for k, item in enumerate(items):
             progress(name(item), k)
             yield item
-        progress("done", len(items))
+            progress(name(item), k + 1)

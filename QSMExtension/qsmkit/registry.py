@@ -108,12 +108,14 @@ def _mentioned(doc: str, name: str) -> str:
 RESERVED_PARAMS = frozenset({
     "magnitude", "phase", "mask", "field", "voxel_size", "b0_dir", "weights", "noise_weights",
     "body", "body_phase", "channels", "phase2", "unwrap", "b0", "return_info",
-    "return_sensitivities", "noise"})
+    "return_sensitivities"})
 #: the type of parameters whose default is None, by name (``number`` or ``numbers``)
 NONE_DEFAULT_TYPES = {
-    "threshold": "number", "radii_mm": "numbers", "pad": "number", "noise_sigma": "number",
+    "threshold": "number", "radii_mm": "numbers", "noise_sigma": "number",
     "block_mm": "number", "te_ratio": "number", "noise_sd_ppm": "number",
-    "lcurve_alphas": "numbers", "te": "numbers"}
+    "lcurve_alphas": "numbers", "te": "numbers", "noise": "number"}
+#: words a numeric parameter also takes, by name (the method chooses the number itself)
+NUMBER_WORDS = {"lam": ("lcurve",), "alpha": ("lcurve",), "noise": ("auto",)}
 
 
 def _kind(default, name):
@@ -136,8 +138,10 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_value(kind, value):
+def _check_value(kind, value, words=()):
     """The value converted to ``kind``, or None when it does not fit."""
+    if isinstance(value, str) and value.lower() in words:
+        return value.lower()
     if _is_number(value) and not math.isfinite(value):
         return None
     if kind == "bool":
@@ -186,10 +190,13 @@ def validate_params(func, params: dict, option: str, what: str) -> dict:
             raise QSMInputError(f"{option} {key}: unknown parameter of {what}; known: "
                                 f"{', '.join(settable) or 'none'}")
         kind = _kind(accepted[key].default, key) if key in accepted else "any"
-        checked = _check_value(kind, value)
+        words = NUMBER_WORDS.get(key, ())
+        checked = _check_value(kind, value, words)
         if checked is None:
             shown = ",".join(map(str, value)) if isinstance(value, list) else value
-            raise QSMInputError(f"{option} {key}={shown}: {what} expects {_KIND_TEXT[kind]}")
+            also = f" or {' or '.join(words)}" if words else ""
+            raise QSMInputError(f"{option} {key}={shown}: {what} expects "
+                                f"{_KIND_TEXT[kind]}{also}")
         out[key] = checked
     return out
 

@@ -713,8 +713,11 @@ def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coi
         smooth receiver phase, coil sensitivities and noise are then applied on the phantom's
         grid as for 1. Only the phantom's geometry is used then, not its maps.
 
-    ``true_phase`` of the result is ``ppm_to_rad(field_total) + offset`` for ``supersample=1``,
-    else the unwrapped phase of the block-averaged signal plus the offset.
+    Returns
+    -------
+    Acquisition
+        Its ``true_phase`` is ``ppm_to_rad(field_total) + offset`` for ``supersample=1``, else
+        the unwrapped phase of the block-averaged signal plus the offset.
     """
     te = tuple(float(t) for t in np.atleast_1d(np.asarray(te, dtype=float)))
     units.check_positive("echo time (s)", te)

@@ -230,14 +230,15 @@ def set_voxel_units(node, units: str) -> None:
 QUANTITIES = {"chi": ("chi", "99QSM", "Magnetic susceptibility"),
               "field": ("field", "99QSM", "Magnetic field perturbation")}
 
-#: window/level (ppm) and colour table of each kind of output. chi: grey, centred on 0,
+#: window/level (ppm) and colour table of chi and of local fields. chi: grey, centred on 0,
 #: +-0.15 ppm (the range of deep grey matter and veins at 3 T, and the usual QSM display);
-#: field: a third of that (the dipole kernel takes values in [-2/3, 1/3], so a local field
-#: is about chi/3), in a diverging blue-red table where the application has it.
+#: local field: a third of that (the dipole kernel takes values in [-2/3, 1/3], so a local
+#: field is about chi/3), in a diverging blue-red table where the application has it. A total
+#: field (background fields of several ppm) keeps Slicer's automatic window.
 DISPLAY_PRESETS = {
     "chi": {"window": 0.30, "level": 0.0, "color": "vtkMRMLColorTableNodeGrey"},
-    "field": {"window": 0.10, "level": 0.0,
-              "color": "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"},
+    "local_field": {"window": 0.10, "level": 0.0,
+                    "color": "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"},
 }
 
 
@@ -250,10 +251,10 @@ def set_voxel_quantity(node, kind: str) -> None:
     node.SetVoxelValueQuantity(entry)
 
 
-def apply_display_preset(node, kind: str) -> None:
+def apply_display_preset(node, preset_name: str) -> None:
     """Window/level and colour table of :data:`DISPLAY_PRESETS` on a scalar volume node (its
     display node is created when missing); the colour table only where the scene has it."""
-    preset = DISPLAY_PRESETS[kind]
+    preset = DISPLAY_PRESETS[preset_name]
     display = node.GetDisplayNode()
     if display is None and node.GetScene() is not None:
         node.CreateDefaultDisplayNodes()
@@ -268,11 +269,12 @@ def apply_display_preset(node, kind: str) -> None:
 
 
 def mark_as(node, kind: str) -> None:
-    """Mark a volume node as a chi map or a field map (ppm): units, quantity, display preset.
-    For maps loaded from files, whose units Slicer does not read."""
+    """Mark a volume node as a chi map (``kind="chi"``) or a local field map (``"field"``), in
+    ppm: units, quantity, display preset. For maps loaded from files, whose units Slicer does
+    not read."""
     set_voxel_units(node, "ppm")
     set_voxel_quantity(node, kind)
-    apply_display_preset(node, kind)
+    apply_display_preset(node, "chi" if kind == "chi" else "local_field")
 
 
 def is_chi_map(node) -> bool:
@@ -294,10 +296,11 @@ def is_chi_map(node) -> bool:
 
 def create_volume_node(scene, array, like, name: str, node=None,
                        class_name: str = "vtkMRMLScalarVolumeNode", units: str | None = None,
-                       quantity: str | None = None):
+                       quantity: str | None = None, preset: str | None = None):
     """An output volume node (``node`` reused when given, else a new one added to ``scene``)
     holding ``array`` with exactly the geometry of the volume node ``like``. ``quantity`` (a
-    key of :data:`QUANTITIES`) is recorded and its display preset applied."""
+    key of :data:`QUANTITIES`) is recorded; ``preset`` (a key of :data:`DISPLAY_PRESETS`) is
+    applied."""
     if node is None:
         if scene is None:
             scene = like.GetScene()
@@ -309,7 +312,8 @@ def create_volume_node(scene, array, like, name: str, node=None,
         node.CreateDefaultDisplayNodes()
     if quantity:
         set_voxel_quantity(node, quantity)
-        apply_display_preset(node, quantity)
+    if preset:
+        apply_display_preset(node, preset)
     return node
 
 

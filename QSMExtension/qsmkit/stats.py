@@ -190,6 +190,9 @@ def read_segmentation(path):
         import slicerio
     except ImportError:  # pragma: no cover - slicerio is a dependency
         raise QSMInputError("reading .seg.nrrd needs slicerio: pip install slicerio", path) from None
+    from .io import check_image_size
+
+    check_image_size(str(path), "segmentation")  # the header's claim, before slicerio reads
     try:
         seg = slicerio.read_segmentation(str(path))
     except Exception as err:  # slicerio raises plain errors on bad files
@@ -401,7 +404,11 @@ def write_table(rows, path, subject=None, append=False):
     delim = "\t" if path.endswith(".tsv") else ","
     existing = ""
     if append and os.path.exists(path):
-        existing = Path(path).read_text()
+        try:
+            existing = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise QSMInputError(f"cannot append: the table is not readable UTF-8 text ({err})",
+                                path) from None
         header = existing.splitlines()[0].split(delim) if existing.strip() else []
         if header and tuple(header) != fields:
             raise QSMInputError(f"cannot append: the table's columns {header} are not {list(fields)}"

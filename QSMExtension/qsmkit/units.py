@@ -16,7 +16,10 @@ FIELD_UNITS = ("ppm", "hz", "rad")
 
 
 def check_positive(name: str, value) -> None:
-    v = np.atleast_1d(np.asarray(value, dtype=float))
+    try:
+        v = np.atleast_1d(np.asarray(value, dtype=float))
+    except (TypeError, ValueError):
+        raise QSMInputError(f"{name} must be a number, got {value!r}") from None
     if v.size == 0 or not np.all(np.isfinite(v)) or np.any(v <= 0):
         shown = ", ".join(f"{x:g}" for x in v)  # plain numbers, no numpy reprs
         raise QSMInputError(f"{name} must be positive and finite, got {shown or 'nothing'}")
@@ -76,6 +79,14 @@ def check_b0(b0, name="--b0", path=None) -> float:
         warn(f"{name} {b:g} T is outside the usual {B0_USUAL_T[0]:g}-{B0_USUAL_T[1]:g} T; check "
              "the units (tesla)", path)
     return b
+
+
+def check_non_negative(name: str, value) -> float:
+    """A finite number >= 0 (an erosion radius, a margin)."""
+    v = float(value)
+    if not np.isfinite(v) or v < 0:
+        raise QSMInputError(f"{name} must be zero or positive, got {value}")
+    return v
 
 
 def larmor_hz(b0_tesla: float) -> float:

@@ -53,7 +53,7 @@ HEAD_DGM = {"caudate": 1, "globus_pallidus": 2, "putamen": 3, "red_nucleus": 4, 
             "substantia_nigra": 6, "thalamus": 7}
 HEAD_CSF = 10
 
-TUNING = ("head-1mm-noisy", "qsm2016")
+TUNING = ("head-1mm-noisy", "qsm2016", "phantom")
 ALL = ("head-1mm", "head-1mm-noisy", "head-aniso-noisy", "head-tilt-noisy", "head-texture-noisy",
        "qsm2016", "fansi-axial", "fansi-oblique", "phantom")
 

@@ -36,7 +36,7 @@ VARIANTS = {
     "l2": ("l2", {}),
     "tkd": ("tkd", {}),
 }
-DEFAULT_METHODS = ("default", "focuss", "focuss-noprior", "tv", "tv-noprior")
+DEFAULT_METHODS = ("default", "tv")
 
 
 def run_ours(case, name):

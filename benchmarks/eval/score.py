@@ -9,6 +9,9 @@
 - Deep-gray ROI statistics: each ROI's mean relative to the reference region's mean (CSF where
   the case has one, else the whole mask), in ppb, for the map and for the truth; ``roi_slope``
   (least-squares slope of map means against truth means), ``roi_mae_ppb`` (mean |difference|).
+Both maps are first taken relative to their mean in the mask (chi is defined up to a constant;
+XSIM, unlike NRMSE, would otherwise score an offset).
+
 - ``vessel``: contrast recovery of the magic-angle vein (our phantom).
 """
 
@@ -47,8 +50,13 @@ def score(chi, case, truth_name):
 
     from qsmkit import metrics
 
+    m = case.mask
     truth = np.asarray(case.truths[truth_name], np.float64)
     chi = np.asarray(chi, np.float64)
+    # chi is determined only up to a constant: both maps relative to their mean in the mask, so
+    # XSIM (which, unlike NRMSE, does not remove means) does not score an offset
+    truth = np.where(m, truth - truth[m].mean(), 0)
+    chi = np.where(m, chi - chi[m].mean(), 0)
     seg = None if case.seg is None else np.asarray(case.seg, np.int32)
     qsmci, _ = score_arrays(chi, truth, case.mask.astype(np.uint8), kind="chi", seg=seg)
     row = {k: (float(v) if v is not None else None) for k, v in qsmci.items()}

@@ -30,13 +30,13 @@ REQUIREMENTS_FILE = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
 IMPORT_NAMES = {"scikit-image": "skimage", "pynrrd": "nrrd", "dask": "dask"}
 
 #: outputs of ``qsmkit run`` (file stem in the output folder): the node class they become, their
-#: units and quantity (which sets the display preset, :data:`qsmkit.slicer_adapter.DISPLAY_PRESETS`)
+#: units, quantity and display preset (:data:`qsmkit.slicer_adapter.DISPLAY_PRESETS`)
 PIPELINE_OUTPUTS = {
-    "chi": ("vtkMRMLScalarVolumeNode", "ppm", "chi"),
-    "mask": ("vtkMRMLLabelMapVolumeNode", None, None),
-    "field_total": ("vtkMRMLScalarVolumeNode", "ppm", "field"),
-    "field_local": ("vtkMRMLScalarVolumeNode", "ppm", "field"),
-    "local_mask": ("vtkMRMLLabelMapVolumeNode", None, None),
+    "chi": ("vtkMRMLScalarVolumeNode", "ppm", "chi", "chi"),
+    "mask": ("vtkMRMLLabelMapVolumeNode", None, None, None),
+    "field_total": ("vtkMRMLScalarVolumeNode", "ppm", "field", None),
+    "field_local": ("vtkMRMLScalarVolumeNode", "ppm", "field", "local_field"),
+    "local_mask": ("vtkMRMLLabelMapVolumeNode", None, None, None),
 }
 
 
@@ -197,7 +197,8 @@ class OutputSpec:
     node_name: str = ""
     class_name: str = "vtkMRMLScalarVolumeNode"
     units: str | None = None
-    quantity: str | None = None  # "chi" or "field": recorded, and its display preset applied
+    quantity: str | None = None  # "chi" or "field", recorded with the node
+    preset: str | None = None  # display preset: "chi" or "local_field"
 
 
 class QsmkitJob:
@@ -259,9 +260,9 @@ class QsmkitJob:
 
     def add_output(self, name: str, path: str, like, node=None, node_name: str = "",
                    class_name: str = "vtkMRMLScalarVolumeNode", units: str | None = None,
-                   quantity: str | None = None):
+                   quantity: str | None = None, preset: str | None = None):
         self.outputs.append(OutputSpec(name, path, like, node, node_name or name, class_name, units,
-                                       quantity))
+                                       quantity, preset))
 
     @property
     def argv(self) -> list:
@@ -301,7 +302,8 @@ class QsmkitJob:
                 raise QsmkitJobError(f"{out.name}: output grid differs from the input's")
             nodes[out.name] = create_volume_node(scene, vol.data, out.like, out.node_name,
                                                  node=out.node, class_name=out.class_name,
-                                                 units=out.units, quantity=out.quantity)
+                                                 units=out.units, quantity=out.quantity,
+                                                 preset=out.preset)
         return nodes
 
     def run(self, scene=None, timeout: float | None = None, on_line=None, on_progress=None) -> dict:
@@ -366,9 +368,9 @@ def pipeline_job(magnitude, phase, te, b0, mask=None, masking="auto", unwrapping
             if name not in PIPELINE_OUTPUTS:
                 raise ValueError(f"unknown pipeline output {name!r}; choose from "
                                  f"{', '.join(PIPELINE_OUTPUTS)}")
-            class_name, units, quantity = PIPELINE_OUTPUTS[name]
+            class_name, units, quantity, preset = PIPELINE_OUTPUTS[name]
             job.add_output(name, os.path.join(out_dir, f"{name}.nii.gz"), like, node,
-                           _name(like, name), class_name, units, quantity)
+                           _name(like, name), class_name, units, quantity, preset)
     except BaseException:
         job.cleanup()
         raise
@@ -442,7 +444,7 @@ def background_job(field, mask, method="auto", weights=None, params=None, field_
         job.add_option("--out-mask", out_mask)
         like = _like(field)
         job.add_output("field_local", out, like, output, _name(like, "local"), units="ppm",
-                       quantity="field")
+                       quantity="field", preset="local_field")
         job.add_output("local_mask", out_mask, like, output_mask, _name(like, "local_mask"),
                        "vtkMRMLLabelMapVolumeNode")
     except BaseException:
@@ -478,7 +480,8 @@ def invert_job(field, mask, magnitude=None, method="auto", params=None, field_un
         out = job.path("chi.nii.gz")
         job.add_option("--out", out)
         like = _like(field)
-        job.add_output("chi", out, like, output, _name(like, "chi"), units="ppm", quantity="chi")
+        job.add_output("chi", out, like, output, _name(like, "chi"), units="ppm", quantity="chi",
+                       preset="chi")
     except BaseException:
         job.cleanup()
         raise

@@ -1,0 +1,320 @@
+"""End-to-end benchmark: from multi-echo magnitude and phase to chi and deep-gray values, on full
+simulations of the head model (``benchmarks/e2e_cases.py``), with QSM.rs side by side and
+truth-substitution rows that show where accuracy is lost. ``make eval-e2e`` runs it:
+
+    python -m benchmarks.e2e [--cases 3T-1mm-z ...] [--tfi-on CASE ...] [--peer-pdf-on CASE ...]
+
+Per case (the true brain mask is given to every pipeline; masking is not measured here):
+
+- ``qsmkit default``: the default methods (what ``qsmkit run`` does with no method options),
+  called stage by stage as ``run_pipeline`` calls them, so the field can be checked as well.
+- ``qsmkit bg=<m>``: the same with each other background method of interest.
+- truth substitution, default methods: ``field: truth`` (the true total field into the default
+  background removal and inversion), ``local: truth`` (the true local field into the default
+  inversion). The gap between consecutive rows is what that stage loses.
+- QSM.rs (``../shared/peers/qsmrs``, via ``benchmarks/eval/peers.py``): our total field (QSM.rs'
+  command line exposes no multi-echo field fit) through QSM.rs background removal (V-SHARP, PDF)
+  and inversion (TV, RTS); ``bg=ours + qsmrs <inv>``: our default local field through QSM.rs'
+  inversion. ``best QSM.rs`` in the summary is the best of the pure QSM.rs-stage rows by NRMSE.
+
+Scores: QSM-CI's scorer (``benchmarks/eval/score.py``: NRMSE, XSIM, deep-gray NRMSE, ...) and
+deep-gray ROI means (caudate, globus pallidus, putamen, red nucleus, dentate, substantia nigra,
+thalamus) relative to CSF: ``slope`` and ``MAE`` against the truth's ROI means relative to the
+true CSF label (``roi_*``), and the same with the reference taken in the automatic ventricular
+CSF mask of ``qsmkit.csf`` (from the case's own R2*: ``auto_*``). Field checks: NRMSE of the
+total field, and the share of brain voxels whose unwrapped phase is exact (every echo within
+pi of the truth, after removing the one global multiple of 2 pi per echo).
+
+Writes ``bench-output/e2e/results.json``, ``bench-output/e2e/table.md`` and
+``Resources/Screenshots/e2e.png``; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from benchmarks import e2e_cases
+from benchmarks.eval import peers, score
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench-output" / "e2e"
+FIGURE = ROOT / "Resources" / "Screenshots" / "e2e.png"
+PEER_BFR = ("vsharp", "pdf")
+PEER_INV = ("tv", "rts")
+
+
+class ScoreCase:
+    """What ``benchmarks.eval.score.score`` reads from a case."""
+
+    def __init__(self, c: e2e_cases.E2ECase):
+        self.name = c.name
+        self.mask = c.mask
+        self.truths = {"chi": c.chi}
+        self.labels = c.labels
+        self.rois = dict(e2e_cases.DGM)
+        self.reference = e2e_cases.CSF
+        self.seg = c.labels
+        self.vessel = None
+
+
+def r2star_map(c):
+    from qsmkit import echoes
+
+    t2s, _ = echoes.fit_t2star(c.magnitude, c.te, c.mask)
+    return np.where(t2s > 0, 1 / np.where(t2s > 0, t2s, 1), 0).astype(np.float32)
+
+
+def auto_csf_scores(chi, c, csf_mask):
+    """Deep-gray means of ``chi`` relative to its mean in ``csf_mask`` against the truth's
+    relative to the pure CSF value (true CSF label, eroded by one voxel)."""
+    from scipy import ndimage
+
+    true_csf = ndimage.binary_erosion(c.mask & (c.labels == e2e_cases.CSF))
+    ours, ref = [], []
+    for lab in e2e_cases.DGM.values():
+        r = c.mask & (c.labels == lab)
+        if r.sum() < 5:
+            continue
+        ours.append(1000 * (chi[r].mean() - chi[csf_mask].mean()))
+        ref.append(1000 * (c.chi[r].mean() - c.chi[true_csf].mean()))
+    a, b = np.array(ref), np.array(ours)
+    return {"auto_slope": float(np.polyfit(a, b, 1)[0]), "auto_mae_ppb": float(np.mean(np.abs(a - b)))}
+
+
+def unwrap_exact(unwrapped, c):
+    """Share of brain voxels whose every echo's unwrapped phase is within pi of the truth, after
+    removing each echo's most common multiple of 2 pi (a global offset changes no field)."""
+    m = c.mask
+    ok = np.ones(int(m.sum()), bool)
+    for e in range(unwrapped.shape[-1]):
+        k = np.rint((unwrapped[..., e][m] - c.true_phase[..., e][m]) / (2 * np.pi)).astype(int)
+        ok &= k == np.bincount(k - k.min()).argmax() + k.min()
+    return float(ok.mean())
+
+
+def field_stage(c):
+    """The pipeline's field stage, run alone so its unwrapped echoes can be checked."""
+    from qsmkit.echoes import combine_magnitude, fit_field
+    from qsmkit.unwrapping import UNWRAPPING
+
+    mag3 = combine_magnitude(c.magnitude)
+    unwrap = UNWRAPPING.get("auto").func
+
+    def unwrap3(p, mask=None):
+        return unwrap(p, mask=mask, voxel_size=c.voxel_size, magnitude=mag3)
+
+    return fit_field(c.magnitude, c.phase, c.te, c.b0, unwrap3, c.mask), mag3
+
+
+def run_stages(c, field_total, weights, mag3, background=None, local=None, local_mask=None):
+    """Default (or named) background removal and the default inversion, as the pipeline calls them."""
+    from qsmkit.background import BACKGROUND
+    from qsmkit.inversion import INVERSION
+    from qsmkit.pipeline import accepts
+
+    t0 = time.perf_counter()
+    if local is None:
+        bg = BACKGROUND.get(background)
+        kw = {"weights": weights}
+        if accepts(bg.func, "magnitude"):
+            kw["magnitude"] = mag3
+        local, local_mask, _ = bg.func(field_total, c.mask, c.voxel_size, c.b0_dir, **kw)
+    chi, _ = INVERSION.get("auto").func(local, local_mask, c.voxel_size, c.b0_dir, magnitude=mag3)
+    return np.asarray(chi), np.asarray(local), time.perf_counter() - t0
+
+
+def peer(c, stage, method, data, mask, tag):
+    """QSM.rs ``stage``/``method`` on ``data``, cached under bench-output/e2e/peers."""
+    d = OUT / "peers"
+    d.mkdir(parents=True, exist_ok=True)
+    npy, js = d / f"{c.name}__{tag}.npy", d / f"{c.name}__{tag}.json"
+    if npy.exists() and js.exists():
+        return np.load(npy), json.loads(js.read_text())
+    out, _, info = peers.run(stage, method, data, mask, c.voxel_size, c.b0_dir, b0_t=c.b0)
+    out = (out * mask).astype(np.float32)
+    np.save(npy, out)
+    js.write_text(json.dumps(info))
+    return out, info
+
+
+def evaluate(c, with_tfi=True, peer_pdf=True, log=print):
+    """Rows (one per pipeline) and the case's field checks."""
+    from qsmkit import csf, metrics
+    from qsmkit.background import BACKGROUND
+
+    sc = ScoreCase(c)
+    auto_csf, csf_info = csf.csf_mask(c.mask, c.voxel_size, r2star=r2star_map(c))
+    rows = []
+
+    def add(name, chi, seconds, local=None, kind="qsmkit"):
+        row = {"case": c.name, "row": name, "kind": kind, "seconds": round(seconds, 1)}
+        s = score.score(chi, sc, "chi")
+        row.update({k: s.get(k) for k in ("nrmse", "xsim", "nrmse_dgm", "roi_slope", "roi_mae_ppb",
+                                           "roi_means_ppb", "roi_truth_ppb")})
+        row.update(auto_csf_scores(chi, c, auto_csf))
+        if local is not None:
+            row["local_nrmse"] = metrics.nrmse(local, c.field_local, c.mask)
+        rows.append(row)
+        log(f"  {c.name} | {name}: NRMSE {row['nrmse']:.1f} %, slope {row['roi_slope']:.2f}, "
+            f"MAE {row['roi_mae_ppb']:.1f} ppb (auto-CSF {row['auto_slope']:.2f} / "
+            f"{row['auto_mae_ppb']:.1f}), {row['seconds']} s")
+        return row
+
+    default_bg = BACKGROUND.resolve("auto")
+    # the default pipeline, stage by stage as run_pipeline calls them (given mask, field fit with
+    # the default unwrapping, default background removal with the fit's noise weights and the
+    # magnitude, default inversion with the magnitude), so its field can be checked too
+    t0 = time.perf_counter()
+    fit, mag3 = field_stage(c)
+    t_field = time.perf_counter() - t0
+    chi, local_default, s = run_stages(c, fit.field_ppm, fit.weights, mag3, background=default_bg)
+    add(f"qsmkit default (bg={default_bg})", chi, t_field + s, local_default)
+    stage_s = {"field": round(t_field, 1), "background + inversion": round(s, 1)}
+    field_checks = {"field_nrmse": metrics.nrmse(fit.field_ppm, c.field_total, c.mask),
+                    "unwrap_exact": unwrap_exact(fit.unwrapped_phase, c)}
+    log(f"  {c.name} | field NRMSE {field_checks['field_nrmse']:.2f} %, unwrapped exact "
+        f"{100 * field_checks['unwrap_exact']:.3f} %")
+    others = [m for m in ("pdf", "tfi-fast", "tfi") if m != default_bg and (with_tfi or m != "tfi")]
+    for m in others:
+        chi, loc, s = run_stages(c, fit.field_ppm, fit.weights, mag3, background=m)
+        add(f"qsmkit bg={m}", chi, s + t_field, loc)
+    chi, loc, s = run_stages(c, c.field_total, fit.weights, mag3, background=default_bg)
+    add("truth: field", chi, s, loc, kind="truth")
+    chi, _, s = run_stages(c, None, None, mag3, local=c.field_local, local_mask=c.mask)
+    add("truth: field + local field", chi, s, c.field_local, kind="truth")
+
+    why = peers.available()
+    if why is None:
+        bfrs = [b for b in PEER_BFR if peer_pdf or b != "pdf"]
+        for b in bfrs:
+            loc, info = peer(c, "bfr", b, fit.field_ppm, c.mask, f"bfr-{b}")
+            for inv in PEER_INV:
+                chi, info2 = peer(c, "dipole", inv, loc, c.mask, f"bfr-{b}__{inv}")
+                add(f"QSM.rs {b} + {inv}", chi, info.get("seconds", 0) + info2.get("seconds", 0),
+                    loc, kind="qsmrs")
+        for inv in PEER_INV:
+            chi, info2 = peer(c, "dipole", inv, local_default, c.mask, f"ours-{default_bg}__{inv}")
+            add(f"bg=ours + QSM.rs {inv}", chi, info2.get("seconds", 0), kind="mixed")
+    else:
+        log(f"  QSM.rs rows skipped: {why}")
+    return rows, {"case": c.name, **field_checks, "stage_seconds": stage_s,
+                  "csf": csf_info, "shape": list(c.mask.shape), "voxel_size": list(c.voxel_size),
+                  "b0": c.b0, "b0_dir": [round(v, 4) for v in c.b0_dir], "te": list(c.te)}
+
+
+def table(rows, checks):
+    def f(v, p=1):
+        return "" if v is None else f"{v:.{p}f}"
+
+    lines = ["| case | pipeline | chi NRMSE % | XSIM | DGM NRMSE % | slope | MAE ppb | "
+             "slope (auto CSF) | MAE ppb (auto CSF) | local NRMSE % | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['row']} | {f(r['nrmse'])} | {f(r['xsim'], 3)} | "
+                     f"{f(r['nrmse_dgm'])} | {f(r['roi_slope'], 2)} | {f(r['roi_mae_ppb'])} | "
+                     f"{f(r['auto_slope'], 2)} | {f(r['auto_mae_ppb'])} | {f(r.get('local_nrmse'))} | "
+                     f"{f(r['seconds'])} |")
+    lines += ["", "| case | total field NRMSE % | unwrapped voxels exact % | auto CSF mL | "
+                  "field s / background + inversion s (default) |", "|---|---|---|---|---|"]
+    for k in checks:
+        st = k["stage_seconds"]
+        lines.append(f"| {k['case']} | {k['field_nrmse']:.2f} | {100 * k['unwrap_exact']:.3f} | "
+                     f"{k['csf']['volume_ml']} | {st['field']:.1f} / "
+                     f"{st['background + inversion']:.1f} |")
+    return "\n".join(lines)
+
+
+def figure(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 4.2), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        rs = [r for r in rows if r["case"] == case]
+        truth = rs[0]["roi_truth_ppb"]
+        names = list(truth)
+        x = np.array([truth[n] for n in names])
+        pick = [r for r in rs if r["kind"] in ("qsmkit", "truth")][:1]
+        q = [r for r in rs if r["kind"] == "qsmrs"]
+        if q:
+            pick.append(min(q, key=lambda r: r["nrmse"]))
+        pick += [r for r in rs if r["row"] == "truth: field + local field"]
+        for r, mk in zip(pick, ("o", "s", "^")):
+            y = np.array([r["roi_means_ppb"][n] for n in names])
+            ax.plot(x, y, mk, label=f"{r['row']} (NRMSE {r['nrmse']:.0f} %)")
+        lim = [min(x.min(), 0) - 10, x.max() + 20]
+        ax.plot(lim, lim, "k:", lw=1)
+        ax.set_xlim(lim)
+        ax.set_ylim(lim)
+        ax.set_title(case, fontsize=10)
+        ax.set_xlabel("true chi - CSF (ppb)")
+        ax.set_ylabel("measured chi - CSF (ppb)")
+        ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle("Deep-gray nuclei relative to CSF, end to end (python -m benchmarks.e2e)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", nargs="+", default=list(e2e_cases.CASES), choices=list(e2e_cases.CASES))
+    p.add_argument("--tfi-on", nargs="*", default=["3T-aniso-tilt", "7T-aniso-tilt"],
+                   help="cases with a tfi (200 iterations) row (minutes per case; default the "
+                        "0.94x0.94x2.5 mm ones)")
+    p.add_argument("--peer-pdf-on", nargs="*", default=["3T-aniso-tilt", "7T-aniso-tilt"],
+                   help="cases with QSM.rs PDF rows (QSM.rs PDF takes minutes per case)")
+    p.add_argument("--no-figure", action="store_true")
+    p.add_argument("--part", metavar="NAME",
+                   help="write bench-output/e2e/NAME.json only (no table or figure): to run cases "
+                        "in several processes, then --combine")
+    p.add_argument("--combine", nargs="+", metavar="NAME",
+                   help="make the table and figure from parts written with --part, run nothing")
+    a = p.parse_args(argv)
+    rows, checks = [], []
+    if a.combine:
+        for part in a.combine:
+            d = json.loads((OUT / f"{part}.json").read_text())
+            rows += d["rows"]
+            checks += d["checks"]
+        return report(rows, checks, a.no_figure)
+    for name in a.cases:
+        c = e2e_cases.load(name)
+        print(f"{name}: {c.mask.shape} voxels {c.voxel_size} mm, {c.b0} T, B0 {c.b0_dir}", flush=True)
+        r, k = evaluate(c, with_tfi=name in a.tfi_on, peer_pdf=name in a.peer_pdf_on,
+                        log=lambda s: print(s, flush=True))
+        rows += r
+        checks.append(k)
+        del c
+        if a.part:  # after every case, so a long run keeps what it has
+            OUT.mkdir(parents=True, exist_ok=True)
+            (OUT / f"{a.part}.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=1))
+    if a.part:
+        return
+    report(rows, checks, a.no_figure)
+
+
+def report(rows, checks, no_figure=False):
+    text = table(rows, checks)
+    print(text)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "table.md").write_text(text + "\n")
+    (OUT / "results.json").write_text(json.dumps({
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}", "rows": rows, "checks": checks}, indent=1))
+    if not no_figure:
+        figure(rows, FIGURE)
+        print(f"figure: {FIGURE.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

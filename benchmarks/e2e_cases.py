@@ -1,0 +1,217 @@
+"""Full simulations for the end-to-end benchmark (``benchmarks/e2e.py``), built from the QSM
+challenge 2.0 head model (``../shared/data/head-model``) and cached under ``bench-output/e2e/``.
+
+How a case is made (every figure of the benchmark depends on this):
+
+1. Native model, 0.64 mm, 256 x 320 x 320: chi per label from ``chiref``, relative to air (0
+   outside the head). Total field = D * chi and true local field = D * (M (chi - mean_M chi)), M
+   the brain mask, both by FFT with a quarter of each axis of zero padding
+   (``qsmkit.headmodel`` definitions), for the case's B0 direction. Cached per direction.
+2. Acquisition grid: the brain's bounding box grown by 8 mm, at the case's voxel size (1 mm or
+   0.9375 x 0.9375 x 2.5 mm). Fine grid: each acquisition voxel split ``factor`` times per axis
+   (2 x 2 x 2 for 1 mm, 2 x 2 x 4 for 2.5 mm slices, sub-voxels of 0.47-0.63 mm). On the fine grid
+   the label is the nearest native voxel's and the fields are trilinear interpolations of the
+   native ones.
+3. Signal, per echo, on the fine grid: ``PD exp(-TE R2*) exp(i 2 pi gamma B0 TE field)`` with
+   proton density and T2* per label from ``qsmkit.headmodel.GRE_TISSUE_3T`` (R2* scaled by
+   (B0 + 1) / 4 from 3 T, Peters et al. 2007), then the complex mean over each acquisition voxel
+   (voxel integration: partial volumes and intravoxel dephasing, as
+   ``qsmkit.simulate.supersampled_signal`` does for the phantom). Then, on the acquisition grid,
+   the smooth receiver phase of ``qsmkit.simulate.smooth_phase_offset`` and complex Gaussian
+   noise of SD 1 / SNR (SNR 100, proton density of CSF = 1).
+4. Truths on the acquisition grid: chi = block mean of the fine chi; local field = block mean of
+   the fine local field; total field = block mean of the fine total field; brain mask = majority
+   of the fine mask; labels = majority label; true (unwrapped) phase per echo = the
+   amplitude-weighted mean of the fine phase ``ref`` plus ``wrap(angle(signal) - ref)`` plus the
+   offset (the unwrapped phase of the integrated signal, as in ``supersampled_signal``).
+
+Cases: 3 T and 7 T; 1 mm with B0 along z and 0.94 x 0.94 x 2.5 mm with B0 tilted 20 degrees in
+the y-z plane of the voxel axes. Echoes: 3 T 4/12/20/28 ms, 7 T 3/8/13/18 ms. None of these
+cases chose a constant of the pipeline's default (those were chosen on the 1.28 mm head model
+with the true total field, and on the 2016 challenge and the phantom), so all are held out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD = ROOT / ".." / "shared" / "data" / "head-model"
+CACHE = ROOT / "bench-output" / "e2e"
+
+NATIVE_MM = 0.64
+SNR = 100.0
+TILT_DEG = 20.0
+TE = {3.0: (0.004, 0.012, 0.020, 0.028), 7.0: (0.003, 0.008, 0.013, 0.018)}
+GEOMETRY = {"1mm": ((1.0, 1.0, 1.0), (2, 2, 2)), "aniso": ((0.9375, 0.9375, 2.5), (2, 2, 4))}
+#: name -> (B0 tesla, geometry, B0 tilt in degrees)
+CASES = {"3T-1mm-z": (3.0, "1mm", 0.0), "7T-1mm-z": (7.0, "1mm", 0.0),
+         "3T-aniso-tilt": (3.0, "aniso", TILT_DEG), "7T-aniso-tilt": (7.0, "aniso", TILT_DEG)}
+#: deep gray nuclei of the head model (label ids) and its CSF label
+DGM = {"caudate": 1, "globus_pallidus": 2, "putamen": 3, "red_nucleus": 4, "dentate": 5,
+       "substantia_nigra": 6, "thalamus": 7}
+CSF = 10
+
+
+@dataclass
+class E2ECase:
+    name: str
+    magnitude: np.ndarray      # (X, Y, Z, E)
+    phase: np.ndarray          # (X, Y, Z, E) wrapped, rad
+    te: tuple
+    b0: float
+    voxel_size: tuple
+    b0_dir: tuple
+    mask: np.ndarray           # true brain mask
+    labels: np.ndarray         # majority label
+    chi: np.ndarray            # true chi (ppm, relative to air)
+    field_total: np.ndarray    # true total field (ppm)
+    field_local: np.ndarray    # true local field (ppm), zero outside the mask
+    true_phase: np.ndarray     # (X, Y, Z, E) unwrapped phase of the signal, offset included
+    phase_offset: np.ndarray   # receiver phase (rad)
+
+
+def b0_direction(tilt_deg):
+    t = math.radians(tilt_deg)
+    return (0.0, math.sin(t), math.cos(t))
+
+
+def _native(b0_dir):
+    """(chi, labels, brain mask, total field, local field) at 0.64 mm for ``b0_dir`` (cached)."""
+    import nibabel as nib
+
+    from qsmkit.dipole import forward_field
+    from qsmkit.headmodel import read_chiref
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    seg = np.asarray(nib.load(str(HEAD / "SegmentedModel.nii.gz")).dataobj).astype(np.int16)
+    brain = np.asarray(nib.load(str(HEAD / "BrainMask.nii.gz")).dataobj) > 0.5
+    table = read_chiref(HEAD / "SusceptibilityValues.mat")
+    air = next(v for _, (n, v) in table.items() if n.lower() == "air")
+    lut = np.zeros(max(table) + 1, np.float32)
+    for k, (_, v) in table.items():
+        lut[k] = v - air
+    chi = lut[seg]
+    tag = "native_b%.4f_%.4f_%.4f" % tuple(b0_dir)
+    files = [CACHE / f"{tag}_{k}.npy" for k in ("total", "local")]
+    if not all(f.exists() for f in files):
+        pad = [n // 4 for n in chi.shape]
+        vox = (NATIVE_MM,) * 3
+        total = forward_field(chi, vox, b0_dir, pad=pad).astype(np.float32)
+        np.save(files[0], total)
+        del total
+        own = np.where(brain, chi - chi[brain].mean(), 0).astype(np.float32)
+        np.save(files[1], forward_field(own, vox, b0_dir, pad=pad).astype(np.float32))
+        del own
+    total, local = (np.load(f) for f in files)
+    return chi, seg, brain, total, local
+
+
+def _block_mean(x, fac):
+    n = [s // f for s, f in zip(x.shape, fac)]
+    return x.reshape(n[0], fac[0], n[1], fac[1], n[2], fac[2]).mean(axis=(1, 3, 5))
+
+
+def _block_mode(lab, fac, n_lab):
+    counts = np.stack([_block_mean((lab == k).astype(np.float32), fac) for k in range(n_lab)])
+    return counts.argmax(axis=0).astype(np.int16)
+
+
+def build(name, progress=print) -> E2ECase:
+    """Simulate case ``name`` (a key of ``CASES``); see the module docstring."""
+    from scipy import ndimage
+
+    from qsmkit import units
+    from qsmkit.headmodel import GRE_TISSUE_3T
+    from qsmkit.simulate import smooth_phase_offset
+
+    b0, geom, tilt = CASES[name]
+    vox, fac = GEOMETRY[geom]
+    b0_dir = b0_direction(tilt)
+    t0 = time.perf_counter()
+    chi_n, seg, brain, total_n, local_n = _native(b0_dir)
+    progress(f"{name}: native fields ready ({time.perf_counter() - t0:.0f} s)")
+    idx = np.argwhere(brain)
+    lo_mm = idx.min(0) * NATIVE_MM - 8.0
+    hi_mm = idx.max(0) * NATIVE_MM + 8.0
+    lo_mm = np.maximum(lo_mm, 0.0)
+    hi_mm = np.minimum(hi_mm, (np.array(brain.shape) - 1) * NATIVE_MM)
+    shape = tuple(int((h - lo) // v) for lo, h, v in zip(lo_mm, hi_mm, vox))
+    fine_vox = [v / f for v, f in zip(vox, fac)]
+    # fine voxel centres (mm, native frame; native voxel i is centred at i * 0.64 mm)
+    axes = [lo + (np.arange(n * f) + 0.5) * d for lo, n, f, d in zip(lo_mm, shape, fac, fine_vox)]
+    te = TE[b0]
+    n_lab = max(GRE_TISSUE_3T) + 1
+    pd_lut = np.zeros(n_lab, np.float32)
+    r2_lut = np.full(n_lab, 1000.0, np.float32)
+    for lab, (pd, t2s) in GRE_TISSUE_3T.items():
+        pd_lut[lab] = pd
+        r2_lut[lab] = 1e3 / t2s * (b0 + 1.0) / 4.0
+    omega = 2 * np.pi * units.larmor_hz(b0) * 1e-6
+    out = {k: np.empty(shape, np.float32) for k in ("chi", "total", "local", "mask")}
+    labels = np.empty(shape, np.int16)
+    sig = np.empty(shape + (len(te),), np.complex64)
+    ref = np.empty(shape + (len(te),), np.float32)
+    step = 4
+    for i0 in range(0, shape[0], step):
+        i1 = min(i0 + step, shape[0])
+        ax0 = axes[0][i0 * fac[0]:i1 * fac[0]]
+        grid = np.meshgrid(ax0 / NATIVE_MM, axes[1] / NATIVE_MM, axes[2] / NATIVE_MM, indexing="ij")
+        near = tuple(np.clip(np.rint(g).astype(np.int32), 0, n - 1) for g, n in zip(grid, seg.shape))
+        lab = seg[near]
+        fld = ndimage.map_coordinates(total_n, grid, order=1, mode="nearest").astype(np.float64)
+        loc = ndimage.map_coordinates(local_n, grid, order=1, mode="nearest") * brain[near]
+        f3 = (i1 - i0, shape[1], shape[2])
+        out["chi"][i0:i1] = _block_mean(chi_n[near], fac)
+        out["total"][i0:i1] = _block_mean(fld, fac)
+        out["local"][i0:i1] = _block_mean(loc, fac)
+        out["mask"][i0:i1] = _block_mean(brain[near].astype(np.float32), fac)
+        labels[i0:i1] = _block_mode(lab, fac, n_lab)
+        pd, r2 = pd_lut[lab], r2_lut[lab]
+        for e, t in enumerate(te):
+            phi = (omega * t) * fld
+            amp = pd * np.exp(-t * r2)
+            s = _block_mean(amp * np.exp(1j * phi), fac)
+            w = _block_mean(amp, fac)
+            r = np.where(w > 0, _block_mean(amp * phi, fac) / np.where(w > 0, w, 1), _block_mean(phi, fac))
+            sig[i0:i1, ..., e] = s.reshape(f3)
+            ref[i0:i1, ..., e] = r + units.wrap_phase(np.angle(s) - r)
+        if i0 % (8 * step) == 0:
+            progress(f"{name}: slab {i0}/{shape[0]} ({time.perf_counter() - t0:.0f} s)")
+    offset = smooth_phase_offset(shape, vox).astype(np.float32)
+    rng = np.random.default_rng(17)
+    noisy = sig * np.exp(1j * offset)[..., None]
+    noisy += (rng.standard_normal(sig.shape) + 1j * rng.standard_normal(sig.shape)).astype(np.complex64) / SNR
+    mask = out["mask"] > 0.5
+    return E2ECase(name=name, magnitude=np.abs(noisy).astype(np.float32),
+                   phase=np.angle(noisy).astype(np.float32), te=te, b0=b0, voxel_size=tuple(vox),
+                   b0_dir=b0_dir, mask=mask, labels=labels, chi=out["chi"],
+                   field_total=out["total"], field_local=(out["local"] * mask).astype(np.float32),
+                   true_phase=(ref + offset[..., None]).astype(np.float32), phase_offset=offset)
+
+
+_ARRAYS = ("magnitude", "phase", "mask", "labels", "chi", "field_total", "field_local",
+           "true_phase", "phase_offset")
+
+
+def load(name, progress=print) -> E2ECase:
+    """Case ``name`` from ``bench-output/e2e/`` or built and cached there."""
+    npz, js = CACHE / f"{name}.npz", CACHE / f"{name}.json"
+    if npz.exists() and js.exists():
+        meta = json.loads(js.read_text())
+        with np.load(npz) as z:
+            arrays = {k: z[k] for k in _ARRAYS}
+        return E2ECase(name=name, te=tuple(meta["te"]), b0=meta["b0"],
+                       voxel_size=tuple(meta["voxel_size"]), b0_dir=tuple(meta["b0_dir"]), **arrays)
+    case = build(name, progress)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(npz, **{k: getattr(case, k) for k in _ARRAYS})
+    js.write_text(json.dumps({"te": case.te, "b0": case.b0, "voxel_size": case.voxel_size,
+                              "b0_dir": case.b0_dir, "shape": list(case.mask.shape)}))
+    return case
