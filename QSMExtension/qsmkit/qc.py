@@ -47,10 +47,14 @@ def plot_planes(axes_row, volume, voxel_size, centre, *, cmap="gray", vmin=None,
     return im
 
 
-def write_mask_qc(path, magnitude, mask, affine) -> str:
+def write_mask_qc(path, magnitude, mask, affine) -> str | None:
     """PNG of the (echo-combined) magnitude with the mask's outline in three planes; the
-    title gives the mask's volume. Returns the path written."""
-    import matplotlib
+    title gives the mask's volume. Returns the path written, or ``None`` without matplotlib
+    (Slicer's panels install only what their commands need)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
