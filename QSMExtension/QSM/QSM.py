@@ -52,7 +52,7 @@ except ImportError:  # Slicer before 5.4
 # (Testing/test_slicer_static.py checks it against qsmkit).
 MASKING_CHOICES = ["auto", "surface", "threshold", "bet"]
 UNWRAPPING_CHOICES = ["auto", "romeo", "quality", "laplacian", "prelude"]
-BACKGROUND_CHOICES = ["auto", "pdf", "tfi", "vsharp", "resharp"]
+BACKGROUND_CHOICES = ["auto", "tfi-fast", "pdf", "tfi", "vsharp", "resharp"]
 INVERSION_CHOICES = ["auto", "focuss", "l2", "tkd", "tv", "lsqr"]
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
 FIELD_UNITS_CHOICES = ["ppm", "hz", "rad"]
