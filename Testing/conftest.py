@@ -16,6 +16,23 @@ def shared(*parts) -> Path:
     return path
 
 
+def new_mr_slice():
+    """An empty classic MR Image Storage dataset with its file meta and fresh UIDs (pydicom),
+    for tests that write DICOM slices."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = MRImageStorage
+    fm.MediaStorageSOPInstanceUID = generate_uid()
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = fm
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, fm.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    return ds
+
+
 def load_qsm2016() -> dict:
     """The 2016 QSM challenge data as float32 arrays: field (ppm), magnitude, mask, chi_33,
     cosmos, labels (evaluation_mask, 1..11), voxel size and B0 direction; skips without it."""

@@ -216,23 +216,16 @@ def _phase_raw(code, echo):
 
 
 def _write_series(folder, *, kind, series, tes, rng, extra=None):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import generate_uid
+
+    from conftest import new_mr_slice
 
     g = GEOM
     uid = generate_uid()
     files = []
     for e, te in enumerate(tes, start=1):
         for s in range(g["slices"]):
-            fm = FileMetaDataset()
-            fm.MediaStorageSOPClassUID = MRImageStorage
-            fm.MediaStorageSOPInstanceUID = generate_uid()
-            fm.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = Dataset()
-            ds.file_meta = fm
-            ds.SOPClassUID = MRImageStorage
-            ds.SOPInstanceUID = fm.MediaStorageSOPInstanceUID
-            ds.Modality = "MR"
+            ds = new_mr_slice()
             ds.Manufacturer = "SIEMENS"
             ds.MagneticFieldStrength = 3
             ds.ImagingFrequency = 123.2

@@ -114,8 +114,9 @@ def test_range_fallback_tolerance():
 
 def _write_ge(folder, vol, values, ge_type, series, dtype=np.int16):
     """One echo of a volume as GE classic DICOM slices (LPS, rows top-down, as DICOM stores)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import generate_uid
+
+    from conftest import new_mr_slice
 
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ vol.affine
     nx, ny, nz = values.shape
@@ -125,14 +126,8 @@ def _write_ge(folder, vol, values, ge_type, series, dtype=np.int16):
     spacing = [float(np.linalg.norm(lps[:3, 1])), float(np.linalg.norm(lps[:3, 0]))]
     uid = generate_uid()
     for k in range(nz):
-        fm = FileMetaDataset()
-        fm.MediaStorageSOPClassUID = MRImageStorage
-        fm.MediaStorageSOPInstanceUID = generate_uid()
-        fm.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = fm
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, fm.MediaStorageSOPInstanceUID
-        ds.Modality, ds.Manufacturer = "MR", "GE MEDICAL SYSTEMS"
+        ds = new_mr_slice()
+        ds.Manufacturer = "GE MEDICAL SYSTEMS"
         ds.MagneticFieldStrength, ds.ImagingFrequency = 3, 127.748512
         ds.SeriesInstanceUID, ds.SeriesNumber = uid, series
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]

@@ -113,13 +113,10 @@ def _native(b0_dir):
     return chi, seg, brain, total, local
 
 
-def _block_mean(x, fac):
-    n = [s // f for s, f in zip(x.shape, fac)]
-    return x.reshape(n[0], fac[0], n[1], fac[1], n[2], fac[2]).mean(axis=(1, 3, 5))
-
-
 def _block_mode(lab, fac, n_lab):
-    counts = np.stack([_block_mean((lab == k).astype(np.float32), fac) for k in range(n_lab)])
+    from qsmkit.simulate import block_mean
+
+    counts = np.stack([block_mean((lab == k).astype(np.float32), fac) for k in range(n_lab)])
     return counts.argmax(axis=0).astype(np.int16)
 
 
@@ -129,7 +126,7 @@ def build(name, progress=print) -> E2ECase:
 
     from qsmkit import units
     from qsmkit.headmodel import GRE_TISSUE_3T
-    from qsmkit.simulate import smooth_phase_offset
+    from qsmkit.simulate import block_mean, integrate_echo, smooth_phase_offset
 
     b0, geom, tilt = CASES[name]
     vox, fac = GEOMETRY[geom]
@@ -167,21 +164,14 @@ def build(name, progress=print) -> E2ECase:
         lab = seg[near]
         fld = ndimage.map_coordinates(total_n, grid, order=1, mode="nearest").astype(np.float64)
         loc = ndimage.map_coordinates(local_n, grid, order=1, mode="nearest") * brain[near]
-        f3 = (i1 - i0, shape[1], shape[2])
-        out["chi"][i0:i1] = _block_mean(chi_n[near], fac)
-        out["total"][i0:i1] = _block_mean(fld, fac)
-        out["local"][i0:i1] = _block_mean(loc, fac)
-        out["mask"][i0:i1] = _block_mean(brain[near].astype(np.float32), fac)
+        out["chi"][i0:i1] = block_mean(chi_n[near], fac)
+        out["total"][i0:i1] = block_mean(fld, fac)
+        out["local"][i0:i1] = block_mean(loc, fac)
+        out["mask"][i0:i1] = block_mean(brain[near].astype(np.float32), fac)
         labels[i0:i1] = _block_mode(lab, fac, n_lab)
-        pd, r2 = pd_lut[lab], r2_lut[lab]
         for e, t in enumerate(te):
-            phi = (omega * t) * fld
-            amp = pd * np.exp(-t * r2)
-            s = _block_mean(amp * np.exp(1j * phi), fac)
-            w = _block_mean(amp, fac)
-            r = np.where(w > 0, _block_mean(amp * phi, fac) / np.where(w > 0, w, 1), _block_mean(phi, fac))
-            sig[i0:i1, ..., e] = s.reshape(f3)
-            ref[i0:i1, ..., e] = r + units.wrap_phase(np.angle(s) - r)
+            sig[i0:i1, ..., e], ref[i0:i1, ..., e] = integrate_echo(
+                pd_lut[lab], r2_lut[lab], fld, t, omega, fac)
         if i0 % (8 * step) == 0:
             progress(f"{name}: slab {i0}/{shape[0]} ({time.perf_counter() - t0:.0f} s)")
     offset = smooth_phase_offset(shape, vox).astype(np.float32)

@@ -544,7 +544,7 @@ def _mag_phase(s):
     return np.abs(s).astype(np.float32, copy=False), ph
 
 
-def _block_mean(x, factors):
+def block_mean(x, factors):
     """Mean over non-overlapping blocks of ``factors`` (3 ints) voxels of a 3-D array."""
     (fx, fy, fz), (nx, ny, nz) = factors, (n // f for n, f in zip(x.shape, factors, strict=True))
     return x.reshape(nx, fx, ny, fy, nz, fz).mean(axis=(1, 3, 5))
@@ -677,17 +677,26 @@ def supersampled_signal(phantom: Phantom, te, b0, factor=2, chunk=4):
         lab = labels(cs.start * fx, cs.stop * fx)
         fld = backend.irfftn(spec[cs.start * fx:cs.stop * fx], s=(big[2],), axes=(2,))
         fld = fld[..., :fine_shape[2]].astype(np.float64)
-        m0, rate = mag_lut[lab], rate_lut[lab]
         for e, t in enumerate(te):
-            phi = (omega * t) * fld
-            amp = m0 * np.exp(-t * rate)
-            s = _block_mean(amp * np.exp(1j * phi), fac)
-            w = _block_mean(amp, fac)
-            ref = np.where(w > 0, _block_mean(amp * phi, fac) / np.where(w > 0, w, 1),
-                           _block_mean(phi, fac))
-            signal[cs, ..., e] = s
-            truth[cs, ..., e] = ref + units.wrap_phase(np.angle(s) - ref)
+            signal[cs, ..., e], truth[cs, ..., e] = integrate_echo(
+                mag_lut[lab], rate_lut[lab], fld, t, omega, fac)
     return signal, truth
+
+
+def integrate_echo(m0, rate, field_ppm, te, omega, factors):
+    """One echo's signal on the fine grid, averaged over blocks of ``factors`` voxels, as a
+    scanner's voxel integrates it: ``m0 exp(-te rate) exp(i omega te field)``.
+
+    Returns the block-averaged complex signal and its true phase, unwrapped against the
+    amplitude-weighted mean phase ``ref`` of the block (see :func:`supersampled_signal`).
+    ``omega`` is rad/s per ppm; ``rate`` 1/s (R2*)."""
+    phi = (omega * te) * field_ppm
+    amp = m0 * np.exp(-te * rate)
+    s = block_mean(amp * np.exp(1j * phi), factors)
+    w = block_mean(amp, factors)
+    ref = np.where(w > 0, block_mean(amp * phi, factors) / np.where(w > 0, w, 1),
+                   block_mean(phi, factors))
+    return s, ref + units.wrap_phase(np.angle(s) - ref)
 
 
 def simulate_acquisition(phantom: Phantom, te=(0.020,), b0=3.0, snr=100.0, n_coils=0,
