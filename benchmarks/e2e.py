@@ -67,10 +67,9 @@ class ScoreCase:
 
 
 def r2star_map(c):
-    from qsmkit import echoes
+    from qsmkit.reference import r2star_map
 
-    t2s, _ = echoes.fit_t2star(c.magnitude, c.te, c.mask)
-    return np.where(t2s > 0, 1 / np.where(t2s > 0, t2s, 1), 0).astype(np.float32)
+    return r2star_map(c.magnitude, c.te, c.mask)
 
 
 def auto_csf_scores(chi, c, csf_mask):
@@ -146,8 +145,9 @@ def peer(c, stage, method, data, mask, tag):
     return out, info
 
 
-def evaluate(c, with_tfi=True, peer_pdf=True, log=print):
-    """Rows (one per pipeline) and the case's field checks."""
+def evaluate(c, with_tfi=True, peer_pdf=True, log=print, quick=False):
+    """Rows (one per pipeline) and the case's field checks; ``quick``: the default pipeline and
+    the truth-substitution rows only."""
     from qsmkit import csf, metrics
     from qsmkit.background import BACKGROUND
 
@@ -164,9 +164,9 @@ def evaluate(c, with_tfi=True, peer_pdf=True, log=print):
         if local is not None:
             row["local_nrmse"] = metrics.nrmse(local, c.field_local, c.mask)
         rows.append(row)
-        log(f"  {c.name} | {name}: NRMSE {row['nrmse']:.1f} %, XSIM {row['xsim']:.3f}, slope {row['roi_slope']:.2f}, "
-            f"MAE {row['roi_mae_ppb']:.1f} ppb (auto-CSF {row['auto_slope']:.2f} / "
-            f"{row['auto_mae_ppb']:.1f}), {row['seconds']} s")
+        log(f"  {c.name} | {name}: NRMSE {row['nrmse']:.1f} %, XSIM {row['xsim']:.3f}, "
+            f"slope {row['roi_slope']:.2f}, MAE {row['roi_mae_ppb']:.1f} ppb (auto-CSF "
+            f"{row['auto_slope']:.2f} / {row['auto_mae_ppb']:.1f}), {row['seconds']} s")
         return row
 
     default_bg = BACKGROUND.resolve("auto")
@@ -183,7 +183,8 @@ def evaluate(c, with_tfi=True, peer_pdf=True, log=print):
                     "unwrap_exact": unwrap_exact(fit.unwrapped_phase, c)}
     log(f"  {c.name} | field NRMSE {field_checks['field_nrmse']:.2f} %, unwrapped exact "
         f"{100 * field_checks['unwrap_exact']:.3f} %")
-    others = [m for m in ("pdf", "tfi-fast", "tfi") if m != default_bg and (with_tfi or m != "tfi")]
+    others = [m for m in ("pdf", "tfi-fast", "tfi") if m != default_bg and (with_tfi or m != "tfi")
+              and not quick]
     for m in others:
         chi, loc, s = run_stages(c, fit.field_ppm, fit.weights, mag3, background=m)
         add(f"qsmkit bg={m}", chi, s + t_field, loc)
@@ -192,7 +193,7 @@ def evaluate(c, with_tfi=True, peer_pdf=True, log=print):
     chi, _, s = run_stages(c, None, None, mag3, local=c.field_local, local_mask=c.mask)
     add("truth: field + local field", chi, s, c.field_local, kind="truth")
 
-    why = peers.available()
+    why = "--quick" if quick else peers.available()
     if why is None:
         bfrs = [b for b in PEER_BFR if peer_pdf or b != "pdf"]
         for b in bfrs:
@@ -277,6 +278,9 @@ def main(argv=None):
     p.add_argument("--peer-pdf-on", nargs="*", default=["3T-aniso-tilt", "7T-aniso-tilt"],
                    help="cases with QSM.rs PDF rows (QSM.rs PDF takes minutes per case)")
     p.add_argument("--no-figure", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="only the default pipeline and the truth-substitution rows (no other "
+                        "background methods, no QSM.rs)")
     p.add_argument("--part", metavar="NAME",
                    help="write bench-output/e2e/NAME.json only (no table or figure): to run cases "
                         "in several processes, then --combine")
@@ -294,7 +298,7 @@ def main(argv=None):
         c = e2e_cases.load(name)
         print(f"{name}: {c.mask.shape} voxels {c.voxel_size} mm, {c.b0} T, B0 {c.b0_dir}", flush=True)
         r, k = evaluate(c, with_tfi=name in a.tfi_on, peer_pdf=name in a.peer_pdf_on,
-                        log=lambda s: print(s, flush=True))
+                        log=lambda s: print(s, flush=True), quick=a.quick)
         rows += r
         checks.append(k)
         del c
