@@ -256,9 +256,6 @@ def cmd_run(args):
     finally:
         progress.close()
     ref_info = {**res.reference, **({"file": args.reference} if region is not None else {})}
-    note = reference.fallback_note(ref_info)
-    if note:
-        print(note, file=sys.stderr)
     if res.reference_region is None:
         del outs["reference"]
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
@@ -281,6 +278,9 @@ def cmd_run(args):
             qc.write_mask_qc(outset.path(qc_png), mag.data, res.mask, pha.affine)
     if not args.quiet:
         print_stage_times(res.stages)
+    note = reference.fallback_note(ref_info)
+    if note:
+        print(note, file=sys.stderr)
     report.summary("run", f"{meta['method']}; {reference.describe(ref_info)}",
                    time.perf_counter() - t_start, [*outs.values(), qc_png], args.quiet)
 
@@ -671,15 +671,17 @@ def cmd_stats(args):
             else None
         ref_name = {"csf": "CSF (auto)", "mask": "whole mask"}.get(ref_info["how"],
                                                                      ref_info.get("name"))
-    note = reference.fallback_note(ref_info, args.chi)
-    if note:
-        print(note, file=sys.stderr)
+    note = reference.fallback_note(ref_info, args.chi)  # said once the outputs are written
     if args.append:  # read-modify-write of the cohort table, itself atomic
         stats.write_table(rows, args.out, subject=subject, append=True)
+        if note:
+            print(note, file=sys.stderr)
         return _print_rows(rows, args.quiet)
     with io.OutputSet() as outset:
         _write_stats(outset, rows, args, subject, ref_name, ref_info, meta_path, png_path, t_start,
                      outside)
+    if note:
+        print(note, file=sys.stderr)
     _print_rows(rows, args.quiet)
     report.summary("stats", f"{len(rows)} regions, {reference.describe(ref_info)}",
                    time.perf_counter() - t_start, [args.out, meta_path, png_path], args.quiet)

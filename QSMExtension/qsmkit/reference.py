@@ -106,7 +106,7 @@ def describe(info) -> str:
     0.012 ppm)`` or ``reference whole mask (no CSF found: ...)``."""
     off = info.get("offset_ppm")
     off = "" if off is None else f", offset {off:+.4f} ppm"
-    if info["how"] == "none":
+    if info.get("how", "none") == "none":
         return "no reference"
     if info["how"] == "csf":
         return f"reference CSF (auto, {info['csf']['criterion']}, {info['volume_ml']} mL{off})"
