@@ -1490,7 +1490,8 @@ def _add_batch_command(sub):
     p.add_argument("--force", action="store_true", help="redo subjects whose outputs are complete")
     p.add_argument("--reference", metavar="REGION",
                    help="reference region of the ROI statistics, a name in the dseg.tsv (e.g. "
-                        "csf) or a label number (default: none)")
+                        "csf) or a label number (default: the CSF that run's pipeline finds in "
+                        "the data, see qsmkit run --reference)")
     _add_methods(p)
     _add_common(p)
     p.set_defaults(func=cmd_batch)
