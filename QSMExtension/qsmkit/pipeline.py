@@ -239,7 +239,7 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
     timer.records[-1]["info"] = inv_info
     local_mask = backend.to_numpy(local_mask).astype(bool)
     chi = backend.to_numpy(chi)
-    region, ref_info = reference_chi(chi, local_mask, voxel_size, cfg.reference, magnitude, te,
+    region, ref_info = apply_reference(chi, local_mask, voxel_size, cfg.reference, magnitude, te,
                                      reference_region)
     chi = ref_info.pop("chi")
     return PipelineResult(
@@ -248,7 +248,7 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
         reference_region=region, reference=ref_info)
 
 
-def reference_chi(chi, mask, voxel_size, how="auto", magnitude=None, te=None, region=None):
+def apply_reference(chi, mask, voxel_size, how="auto", magnitude=None, te=None, region=None):
     """chi relative to its reference region (``qsmkit.reference.find_reference``, inside
     ``mask``, where chi is defined): returns (region or None, record with ``offset_ppm``,
     ``seconds`` and the referenced ``chi``, 0 outside ``mask``)."""
