@@ -108,6 +108,9 @@ def test_reference_options(sim_multi, tmp_path, capsys):
     np.testing.assert_allclose(chi[inside], raw[inside] - lab["offset_ppm"], atol=1e-5)
     assert main(["run", *base[1:], "--out", str(tmp_path / "x"), "--reference-label", "1"]) == 2
     assert "--reference-label needs a label image" in capsys.readouterr().err
+    assert main(["run", *base[1:], "--out", str(tmp_path / "x"), "--reference", "csf"]) == 2
+    assert "--reference csf: neither auto, mask, none nor" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     # stats of the unreferenced map: each choice, the offset it subtracts in the sidecar
     chi_path = str(tmp_path / "none" / "chi.nii.gz")
     expect = {"mask": raw[raw != 0].mean(), "csf": raw[(load(labels) == 1) & (raw != 0)].mean(),

@@ -294,6 +294,9 @@ def reference_option(args, like: io.Volume):
         if args.reference_label is not None:
             raise QSMInputError("--reference-label needs a label image as --reference")
         return ref.lower(), None
+    if not os.path.exists(ref):
+        raise QSMInputError(f"--reference {ref}: neither auto, mask, none nor an existing mask or "
+                            "label image file")
     from .stats import label_map
 
     rvol = io.load_volume(ref, what="reference region", allow_complex=False)
