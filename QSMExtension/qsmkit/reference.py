@@ -89,11 +89,17 @@ def _auto_csf(mask, voxel_size, magnitude, te, r2star):
 
 
 def r2star_map(magnitude, te, mask=None):
-    """R2* (s^-1) from multi-echo magnitudes (``echoes.fit_t2star``); 0 where undefined."""
+    """R2* (s^-1) from multi-echo magnitudes (``echoes.fit_t2star``), fitted inside ``mask``
+    only; 0 where undefined and outside the mask."""
     from .echoes import fit_t2star
 
-    t2s, _ = fit_t2star(magnitude, te, mask)
-    return np.where(t2s > 0, 1 / np.where(t2s > 0, t2s, 1), 0).astype(np.float32)
+    mag = np.asarray(magnitude, np.float32)
+    m = np.ones(mag.shape[:3], bool) if mask is None else np.asarray(mask).astype(bool)
+    t2s, _ = fit_t2star(mag[m][:, None, None, :], te)  # the mask's voxels as an (N, 1, 1, E) image
+    t2s = t2s[:, 0, 0]
+    out = np.zeros(m.shape, np.float32)
+    out[m] = np.where(t2s > 0, 1 / np.where(t2s > 0, t2s, 1), 0)
+    return out
 
 
 def _counted(info, region, vox_ml):
