@@ -2,7 +2,7 @@
 simulations of the head model (``benchmarks/e2e_cases.py``), with QSM.rs side by side and
 truth-substitution rows that show where accuracy is lost. ``make eval-e2e`` runs it:
 
-    python -m benchmarks.e2e [--cases 3T-1mm-z ...] [--tfi-on CASE ...] [--peer-pdf-on CASE ...]
+    python -m benchmarks.e2e [--cases 3T-1mm-z ...] [--tfi-on CASE ...] [--peer-pdf-on CASE ...] [--quick]
 
 Per case (the true brain mask is given to every pipeline; masking is not measured here):
 
