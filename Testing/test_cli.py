@@ -60,7 +60,7 @@ def test_run_whole_pipeline(sim_multi, tmp_path):
         np.testing.assert_allclose(img.affine, nib.load(str(sim_multi / "phase.nii.gz")).affine)
     meta = json.loads((out / "chi.json").read_text())
     assert [s["stage"] for s in meta["stages"]] == ["mask", "field", "background", "inversion"]
-    assert meta["parameters"]["inversion"] == "focuss" and meta["device"].startswith("cpu")
+    assert meta["parameters"]["inversion"] == "tv" and meta["device"].startswith("cpu")
     assert all(s["seconds"] >= 0 for s in meta["stages"])
     truth_mask = load(sim_multi / "mask_true.nii.gz") > 0
     assert metrics.nrmse(load(out / "field_total.nii.gz"), load(sim_multi / "field_total_true.nii.gz"),

@@ -137,7 +137,7 @@ def test_readme_command_lines_run(tmp_path, monkeypatch, capsys):
         assert meta["seconds"] >= 0 and meta["peak_memory_mb"] > 0
     assert json.loads(Path("steps/chi_l2.json").read_text())["parameters"] == {"lam": 0.1}
     assert json.loads(Path("recon_invivo/chi.json").read_text())["parameters"][
-        "inversion_params"] == {"refine": 30}
+        "inversion_params"] == {"max_iter": 200}
 
 
 def test_python_api_example(tmp_path, monkeypatch):

@@ -193,13 +193,13 @@ def invert_dipole(field, mask, voxel_size, b0_dir, magnitude=None, method="auto"
     b0_dir : sequence of 3 float
         Unit B0 direction in voxel axes.
     magnitude : ndarray, optional
-        Magnitude image, the prior of ``focuss`` (and weights of ``tv``/``lsqr``).
+        Magnitude image: the edge prior of ``tv`` and ``focuss`` (and data weights of ``tv``/``lsqr``).
     method : str
-        ``"auto"`` (``focuss``), ``"focuss"``, ``"tkd"``, ``"l2"``, ``"lsqr"`` or ``"tv"``.
+        ``"auto"`` (``tv``), ``"focuss"``, ``"tkd"``, ``"l2"``, ``"lsqr"`` or ``"tv"``.
     device : str
         ``"cpu"``, ``"gpu"`` or ``"auto"``.
     **params
-        Parameters of the method, e.g. ``refine=30`` for ``focuss``.
+        Parameters of the method, e.g. ``max_iter=200`` for ``tv``, ``refine=30`` for ``focuss``.
 
     Returns
     -------

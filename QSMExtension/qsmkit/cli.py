@@ -1452,7 +1452,7 @@ def _add_invert_command(sub):
     p.add_argument("--mask", required=True, metavar="FILE",
                    help="where the local field is valid (0/1), e.g. background's OUT_mask")
     p.add_argument("--magnitude", metavar="FILE",
-                   help="magnitude for FOCUSS's edge prior (default: none, then no prior)")
+                   help="magnitude: edge prior of tv and focuss, data weights (default: none, no prior)")
     p.add_argument("--out", required=True, metavar="FILE", help="chi map (ppm)")
     _add_method(p, INVERSION, "dipole inversion")
     p.add_argument("--reference", metavar="mask|REGION.nii.gz",
