@@ -140,7 +140,7 @@ def test_tfi_fast_close_to_tfi_at_pdf_cost(head, gre):
     inner = metrics.nrmse(local, hm.field_local, hm.mask & eroded)
     pdf_work = 2 * info["pdf"]["iterations"] * np.prod(info["pdf"]["padded_shape"])
     admm_work = info["ffts"] * np.prod(info["padded_shape"])
-    print(f"tfi-fast (noisy): NRMSE {full:.1f} / {inner:.1f} %, {info['seconds']:.1f} s, "
+    print(f"tfi-fast (noisy): NRMSE {full:.1f} / {inner:.1f} %, {info['seconds']:.1f} s, pdf {info['pdf']['iterations']} it, "
           f"ADMM / PDF FFT work {admm_work / pdf_work:.2f}")
     assert valid.sum() == hm.mask.sum()
     assert full <= 25.0 and inner <= 15.0, (full, inner)

@@ -106,7 +106,8 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
         normalised to mean 1 in the mask. Default uniform.
     pad : voxels per side (int or 3 ints) added around the field of view for sources beyond it;
         default ``default_pdf_pad`` (a 12 mm margin around the mask).
-    tol : relative change of the local field per iteration at which CG stops.
+    tol : relative change of the local field per iteration at which CG stops; 0: run
+        ``max_iter`` iterations (a fixed count, as ``tfi-fast``'s start does).
     max_iter : cap on CG iterations.
 
     Returns
@@ -114,8 +115,8 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
     local, mask, info (iterations, last relative change, normal-equation residual, padded shape).
     """
     xp, f, m, w = check_inputs(field, mask, weights)
-    if not 0 < tol < 1:
-        raise QSMInputError(f"PDF tol must be in (0, 1), got {tol}")
+    if not 0 <= tol < 1:
+        raise QSMInputError(f"PDF tol must be in [0, 1), got {tol}")
     if int(max_iter) < 1:
         raise QSMInputError(f"PDF max_iter must be at least 1, got {max_iter}")
     if pad is None:
