@@ -194,7 +194,7 @@ _trilinear = _trilinear_py  # numba-compiled by ``_evolve_kernel`` before the ke
 def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, params, iters):
     """BET's surface update (module docstring), radial part only; ``r`` (mm) is updated in place.
 
-    ``img`` is the (X, Y, Z) intensity, sampled at the nearest voxel (0 outside the volume);
+    ``img`` is the (X, Y, Z) intensity, sampled trilinearly (0 outside the volume);
     ``params`` = (t2, t98, t, tm, bt, d1, d2, rmin, rmax, r_max_allowed).
     """
     t2, t98, t, tm, bt, d1, d2, rmin, rmax, r_cap = params
