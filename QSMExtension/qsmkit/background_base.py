@@ -78,7 +78,8 @@ def default_pdf_pad(mask, voxel_size, margin_mm=12.0):
 
 
 @BACKGROUND.register("pdf", "PDF: projection onto dipole fields (Liu 2011), weighted, CG")
-def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_iter=200):
+def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_iter=200,
+        min_iter=0):
     """Projection onto dipole fields: the background is the field of dipoles outside the mask
     that best fits the total field inside it, in the weighted least-squares sense.
 
@@ -106,16 +107,18 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
         normalised to mean 1 in the mask. Default uniform.
     pad : voxels per side (int or 3 ints) added around the field of view for sources beyond it;
         default ``default_pdf_pad`` (a 12 mm margin around the mask).
-    tol : relative change of the local field per iteration at which CG stops.
+    tol : relative change of the local field per iteration at which CG stops (0: run
+        ``max_iter`` iterations).
     max_iter : cap on CG iterations.
+    min_iter : CG iterations run whatever the change (``tfi-fast``'s start).
 
     Returns
     -------
     local, mask, info (iterations, last relative change, normal-equation residual, padded shape).
     """
     xp, f, m, w = check_inputs(field, mask, weights)
-    if not 0 < tol < 1:
-        raise QSMInputError(f"PDF tol must be in (0, 1), got {tol}")
+    if not 0 <= tol < 1:
+        raise QSMInputError(f"PDF tol must be in [0, 1), got {tol}")
     if int(max_iter) < 1:
         raise QSMInputError(f"PDF max_iter must be at least 1, got {max_iter}")
     if pad is None:
@@ -145,7 +148,7 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
     rr = rr0 = dot(r, r)
     local_big = f_big * mask_f
     change, it = 1.0, 0
-    while rr > 0 and change > tol and it < int(max_iter):
+    while rr > 0 and (change > tol or it < int(min_iter)) and it < int(max_iter):
         q = conv(p)                       # D O p
         ap = conv(w2 * q)
         ap *= outside                     # O D W^2 M D O p

@@ -239,10 +239,17 @@ def cmd_run(args):
     t_start = time.perf_counter()
     mag, pha, te, b0 = _read_inputs(args)
     warn_if_not_magnitude(mag.data, (args.magnitude or args.dicom)[0])
+    mask = load_mask(args.mask, pha) if args.mask else None
+    how, region = reference_option(args, pha)  # checked on the file's grid
+    # the stages run in the voxel order closest to RAS whatever the file's, outputs go back
+    order = geometry.CanonicalOrder(pha.affine, pha.data.shape)
+    file_affine = pha.affine
+    mag = io.Volume(order.forward(mag.data), order.canonical_affine, mag.path, mag.meta)
+    pha = io.Volume(order.forward(pha.data), order.canonical_affine, pha.path, pha.meta)
+    mask = order.forward(mask)
+    region = order.forward(region)
     if getattr(args, "apodize", 0):  # the phase only: masking and priors keep the sharp magnitude
         pha.data = kspace.apodize(mag.data, pha.data, args.apodize)[1]
-    mask = load_mask(args.mask, pha) if args.mask else None
-    how, region = reference_option(args, pha)
     cfg = replace(_config(args), reference=how).resolved()
     names = ("mask", "field_total", "field_local", "local_mask", "chi", "reference")
     outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
@@ -261,6 +268,8 @@ def cmd_run(args):
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
                                             "dicom": args.dicom, "mask": args.mask, "te": te,
                                             "b0": b0, "b0_dir_voxel": list(map(float, b0_dir)),
+                                            "voxel_order": {"file": "".join(geometry.axcodes(file_affine)),
+                                                            "processed": "RAS"},
                                             "apodize": getattr(args, "apodize", 0.0),
                                             **_phase_record(pha)},
                    extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg),
@@ -271,8 +280,8 @@ def cmd_run(args):
         print("qsmkit: note: matplotlib is not installed: no mask_qc.png", file=sys.stderr)
     with io.OutputSet() as outset:  # all five (and sidecars, and the QC figure) move in together
         for n, path in outs.items():
-            data = res.reference_region if n == "reference" else getattr(res, n)
-            io.save_volume(outset.path(path), data, pha.affine, sidecar=meta,
+            data = order.back(res.reference_region if n == "reference" else getattr(res, n))
+            io.save_volume(outset.path(path), data, file_affine, sidecar=meta,
                            dtype=np.uint8 if data.dtype == bool else np.float32)
         if qc_png:
             qc.write_mask_qc(outset.path(qc_png), mag.data, res.mask, pha.affine)

@@ -117,6 +117,52 @@ def same_grid(affine_a, shape_a, affine_b, shape_b, atol=1e-3) -> bool:
     return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(affine_a, affine_b, atol=atol)
 
 
+def axcodes(affine) -> tuple:
+    """The anatomical direction each voxel axis points to, e.g. ``("L", "A", "S")``."""
+    from nibabel import orientations as ornt
+
+    return ornt.aff2axcodes(np.asarray(affine, dtype=float))
+
+
+class CanonicalOrder:
+    """The voxel order closest to RAS+ (nibabel's ``as_closest_canonical``: axes permuted and
+    flipped, no resampling) for an affine, and the way back.
+
+    The stages discretise with forward differences and stop their iterative solvers early, so
+    their results depend, slightly, on the order in which voxels are stored. Two exports of one
+    scan (a scanner's DICOM and dcm2niix's NIfTI store this series' first axis in opposite
+    directions) must give the same chi; running the stages in this one order, whatever the
+    file's, makes the storage order irrelevant. Outputs go back to the file's order.
+    """
+
+    def __init__(self, affine, shape):
+        from nibabel import orientations as ornt
+
+        self.affine = np.asarray(affine, dtype=float)
+        self.shape = tuple(int(n) for n in shape[:3])
+        self._to = ornt.io_orientation(self.affine)
+        self._back = ornt.ornt_transform(ornt.axcodes2ornt(("R", "A", "S")),
+                                         ornt.axcodes2ornt(ornt.aff2axcodes(self.affine)))
+        self.canonical_affine = self.affine @ ornt.inv_ornt_aff(self._to, self.shape)
+        self.identity = bool(np.array_equal(self._to, [[0, 1], [1, 1], [2, 1]]))
+
+    def forward(self, data):
+        """``data`` (file order, extra axes last) in the canonical order."""
+        from nibabel import orientations as ornt
+
+        if data is None or self.identity:
+            return data
+        return np.ascontiguousarray(ornt.apply_orientation(np.asarray(data), self._to))
+
+    def back(self, data):
+        """``data`` in the canonical order back in the file's order."""
+        from nibabel import orientations as ornt
+
+        if data is None or self.identity:
+            return data
+        return np.ascontiguousarray(ornt.apply_orientation(np.asarray(data), self._back))
+
+
 def affine_for_b0(voxel=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), shape=None) -> np.ndarray:
     """An affine whose B0 direction in voxel axes is ``b0_dir`` (a rotation taking b0_dir to world
     z, Rodrigues' formula), centred on the field of view when ``shape`` is given. Used to write

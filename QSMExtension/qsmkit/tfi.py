@@ -38,11 +38,14 @@ Two settings are registered. ``tfi``: 200 iterations, rho = 0.01, on PDF's padde
 whole field of view). ``tfi-fast``: the same model, solved to about PDF's cost: 30 over-relaxed
 iterations (relaxation 1.7, Boyd et al. section 3.4.3) with rho = 0.05, on the brain's bounding
 box grown by 8 mm instead of the whole field of view (after PDF, the harmonic part left to move
-is reproduced by sources in a thin shell around the brain, the argument of ``default_pdf_pad``).
-On the head model at 1.28 mm (``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 %
-(mask / eroded), ``tfi-fast`` 19.8 / 9.1 % (with SNR-100 phase noise 22.1 / 12.7 %, as ``tfi``),
-PDF 42.8 / 27.6 %; ``tfi-fast`` takes 2.05x PDF's time there and 1.44x on the 256x256x64 phantom
-(interleaved, median of 3). On the end-to-end benchmark's full simulations
+is reproduced by sources in a thin shell around the brain, the argument of ``default_pdf_pad``),
+from a PDF start of a set length (``PDF_START_ITER``: PDF's own stop, where its change levels
+off, made two exports of one real scan differ by 21 %). On the head model at 1.28 mm
+(``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 % (mask / eroded), ``tfi-fast``
+19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as ``tfi``), PDF 42.8 / 27.6 %;
+``tfi-fast`` took 2.05x PDF's time there and 1.44x on the 256x256x64 phantom (interleaved,
+median of 3) with PDF's own stop for its start, about 13 % more with the set start on the head
+model. On the end-to-end benchmark's full simulations
 (``benchmarks/e2e.py``) it is within 1 point of ``tfi``'s chi NRMSE. Settings slower than 30
 iterations first pass through a transient (ADMM's error grows again between about 40 and 80
 iterations at rho = 0.05) before reaching ``tfi``'s figures; a coarse-grid TFI (2.56 mm) as a
@@ -209,8 +212,26 @@ def _admm(f, m, w, edges, voxel_size, b0_dir, big, lam, rho, relax, n_iter):
     return crop_to(backend.irfftn(backend.rfftn(x) * d, s=big) * mf, f.shape)
 
 
+#: ``tfi-fast``'s PDF start: ``PDF_START_ITER`` CG iterations, the most that PDF's own rule (5 %
+#: change of the local field per iteration) takes on the simulated heads (built-in phantom 35,
+#: head model 23-24, analytic scenes 17-20), and beyond that only while an iteration still
+#: changes the local field by more than ``PDF_START_STEEP`` (the background still dominates it:
+#: given the background alone, 25-140 iterations). PDF's rule itself stops where the change
+#: levels off, and there it moves with rounding: on a real head
+#: (../shared/data/philips-invivo-gre) the change per iteration hovers at 4-10 % from 30 to 80
+#: iterations, and two exports of one scan (classic DICOM and dcm2niix NIfTI: the same arrays
+#: up to float rounding) stopped after 30 and 41 iterations with local fields 21 % apart; with
+#: the set count they are 0.3 % apart. Against PDF's rule: head model 19.9 / 9.2 % (was
+#: 19.8 / 9.1), noisy 22.2 / 12.8 % (22.1 / 12.7), phantom local field 44.8 % (44.8, it also
+#: stopped at 35), analytic scenes 5.8-7.9 % (7.4-13.5); about 13 % more time on the head model.
+#: A windowed change with interpolation between iterates was tried: at 5 % it stopped the
+#: phantom after 18 iterations (58 %), at 2 % the real head moved with rounding again.
+PDF_START_ITER = 35
+PDF_START_STEEP = 0.15
+
+
 def _tfi(field, mask, voxel_size, b0_dir, weights, magnitude, lam, edge_fraction, rho,
-         max_iter, pad, relax, box_mm, pdf_tol=0.05):
+         max_iter, pad, relax, box_mm, pdf_tol=0.05, pdf_iter=200, pdf_min_iter=0):
     t0 = time.perf_counter()
     xp, f, m, w = check_inputs(field, mask, weights)
     _check(lam, rho, edge_fraction, max_iter, relax)
@@ -222,7 +243,8 @@ def _tfi(field, mask, voxel_size, b0_dir, weights, magnitude, lam, edge_fraction
         edges = edge_free_mask(_magnitude(magnitude, f, m, xp), m, edge_fraction)
 
     # PDF removes the bulk of the background; the joint fit starts from its local field
-    f, _, pdf_info = pdf(f, m, voxel_size, b0_dir, weights=w, pad=pad, tol=pdf_tol)
+    f, _, pdf_info = pdf(f, m, voxel_size, b0_dir, weights=w, pad=pad, tol=pdf_tol,
+                         max_iter=pdf_iter, min_iter=pdf_min_iter)
 
     box = (slice(None),) * 3 if box_mm is None else brain_box(m, voxel_size, box_mm)
     fb, mb, eb = f[box], m[box], edges[box]
@@ -262,8 +284,11 @@ _PARAMS_DOC = """
     relax : ADMM over-relaxation in (0, 2) (1: none).
     pad : voxels per side for sources beyond the field of view (default as PDF).
     box_mm (tfi-fast) : margin around the mask's bounding box of the grid solved (mm).
-    pdf_tol (tfi-fast) : stopping tolerance of the PDF start (0.05, as ``pdf``; 0.1 and 0.2
-        cost 4 and 14 points of local-field NRMSE on the head model).
+    pdf_iter, pdf_tol (tfi-fast) : the PDF start runs at least ``pdf_iter`` CG iterations (35),
+        more while one changes the local field by over 15 % (``PDF_START_ITER``); with
+        ``pdf_tol`` given, it stops instead once the change is below ``pdf_tol`` (at most 200;
+        0.05 is ``pdf``'s rule, 0.1 and 0.2 cost 4 and 14 points of local-field NRMSE on the head
+        model).
 
     Returns
     -------
@@ -288,15 +313,23 @@ def tfi(field, mask, voxel_size, b0_dir, weights=None, magnitude=None, lam=3e-4,
                                  "iterations on the brain's bounding box")
 def tfi_fast(field, mask, voxel_size, b0_dir, weights=None, magnitude=None, lam=3e-4,
              edge_fraction=0.3, rho=0.05, max_iter=30, pad=None, relax=1.7, box_mm=8.0,
-             pdf_tol=0.05):
-    """``tfi``'s model (module docstring, eq. 1) solved to about PDF's cost: 30 over-relaxed
-    ADMM iterations with rho = 0.05 on the mask's bounding box grown by ``box_mm`` (padded
-    where the box meets the field of view). ``pad`` applies to the PDF start only.
+             pdf_iter=PDF_START_ITER, pdf_tol=None):
+    """``tfi``'s model (module docstring, eq. 1) solved to about PDF's cost: a PDF start of
+    ``pdf_iter`` CG iterations (more while the background dominates, ``PDF_START_ITER``), then
+    30 over-relaxed ADMM iterations with rho = 0.05 on the mask's bounding box grown by
+    ``box_mm`` (padded where the box meets the field of view). ``pad`` applies to the PDF
+    start only.
     """
     if not (isinstance(box_mm, (int, float)) and math.isfinite(box_mm) and box_mm > 0):
         raise QSMInputError(f"TFI box_mm must be a positive number, got {box_mm!r}")
+    if pdf_tol is None:
+        if int(pdf_iter) < 1:
+            raise QSMInputError(f"TFI pdf_iter must be at least 1, got {pdf_iter}")
+        pdf_tol, n_min = PDF_START_STEEP, int(pdf_iter)
+    else:
+        n_min = 0
     return _tfi(field, mask, voxel_size, b0_dir, weights, magnitude, lam, edge_fraction, rho,
-                max_iter, pad, relax, box_mm, pdf_tol)
+                max_iter, pad, relax, box_mm, pdf_tol, 200, n_min)
 
 
 tfi.__doc__ += _PARAMS_DOC
