@@ -54,3 +54,33 @@ def load_qsm2016() -> dict:
 @pytest.fixture
 def shared_data():
     return shared
+
+
+def _read_only(*arrays):
+    for a in arrays:
+        if a is not None:
+            a.setflags(write=False)
+
+
+@pytest.fixture(scope="session")
+def default_phantom():
+    """The built-in phantom at its default grid (256 x 256 x 64, ``make_phantom()``), made once
+    per session for every module that needs it; read-only."""
+    from qsmkit.simulate import make_phantom
+
+    ph = make_phantom()
+    _read_only(ph.chi, ph.chi_brain, ph.mask, ph.labels, ph.magnitude, ph.t2star_ms,
+               ph.field_total, ph.field_local, ph.field_background, ph.vessel_mask)
+    return ph
+
+
+@pytest.fixture(scope="session")
+def head_model():
+    """The challenge 2.0 head model at 1.28 mm with its true fields (``load_head_model(block=2)``,
+    15-30 s on 2 cores), loaded once per session for every module that needs it. Its arrays are
+    read-only, so no test can change what the others see."""
+    from qsmkit.headmodel import load_head_model
+
+    hm = load_head_model(shared("head-model"), block=2)
+    _read_only(hm.chi, hm.labels, hm.mask, hm.field_total, hm.field_local)
+    return hm

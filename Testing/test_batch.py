@@ -98,8 +98,11 @@ def test_batch_on_existing_cluster(bids, tmp_path):
     out = tmp_path / "deriv"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster:
+        # the fastest methods: what is checked here is the scheduler path, not the methods
+        # (test_batch_local_workers checks the default pipeline's numbers)
         args = ["batch", str(bids), "--out", str(out), "--participant-label", "01", "02",
-                "--scheduler", cluster.scheduler_address, "--quiet"]
+                "--scheduler", cluster.scheduler_address, "--unwrapping", "laplacian",
+                "--background", "vsharp", "--inversion", "tkd", "--quiet"]
         assert main(args) == 0
         summary = json.loads((out / "batch_summary.json").read_text())
         assert summary["done"] == ["sub-01", "sub-02"] and summary["failed"] == []

@@ -11,7 +11,7 @@ import pytest
 
 from qsmkit import metrics
 from qsmkit.cli import main
-from qsmkit.simulate import CHI_PPM, LABELS
+from qsmkit.simulate import CHI_PPM, LABEL_IDS, LABELS
 
 SMALL = ["--shape", "64", "64", "32", "--voxel-size", "3.75", "3.75", "5"]
 
@@ -60,7 +60,7 @@ def test_run_whole_pipeline(sim_multi, tmp_path):
         np.testing.assert_allclose(img.affine, nib.load(str(sim_multi / "phase.nii.gz")).affine)
     meta = json.loads((out / "chi.json").read_text())
     assert [s["stage"] for s in meta["stages"]] == ["mask", "field", "background", "inversion"]
-    assert meta["parameters"]["inversion"] == "focuss" and meta["device"].startswith("cpu")
+    assert meta["parameters"]["inversion"] == "tv" and meta["device"].startswith("cpu")
     assert all(s["seconds"] >= 0 for s in meta["stages"])
     truth_mask = load(sim_multi / "mask_true.nii.gz") > 0
     assert metrics.nrmse(load(out / "field_total.nii.gz"), load(sim_multi / "field_total_true.nii.gz"),
@@ -68,6 +68,73 @@ def test_run_whole_pipeline(sim_multi, tmp_path):
     valid = (load(out / "local_mask.nii.gz") > 0) & truth_mask
     chi, truth = load(out / "chi.nii.gz"), load(sim_multi / "chi_true.nii.gz")
     assert np.corrcoef(chi[valid], truth[valid])[0, 1] > 0.3
+    # chi is relative to the CSF found in the data (R2*), written as reference.nii.gz
+    ref = meta["reference"]
+    assert ref["how"] == "csf" and ref["csf"]["criterion"] == "r2star" and ref["requested"] == "auto"
+    region = load(out / "reference.nii.gz") > 0
+    assert ref["voxels"] == region.sum() > 0 and ref["volume_ml"] > 0 and "offset_ppm" in ref
+    assert abs(chi[region].mean()) < 1e-6
+    # against the true CSF label: its mean chi is within 3 ppb of 0 (measured 1.0 ppb), where
+    # the whole-mask mean would leave it 25 ppb off
+    true_csf = (load(sim_multi / "labels.nii.gz") == LABEL_IDS["csf"]) & valid
+    assert abs(chi[true_csf].mean()) < 0.003
+    # qsmkit stats on it: relative to the same region by default (reference.nii.gz beside chi)
+    table = tmp_path / "stats.csv"
+    assert main(["stats", "--chi", str(out / "chi.nii.gz"), "--labels",
+                 str(sim_multi / "labels.nii.gz"), "--out", str(table), "--quiet"]) == 0
+    sref = json.loads((tmp_path / "stats.json").read_text())["reference"]
+    assert sref["how"] == "csf" and sref["file"].endswith("reference.nii.gz")
+    assert abs(sref["offset_ppm"]) < 1e-6 and sref["voxels"] == ref["voxels"]
+
+
+def test_reference_options(sim_multi, tmp_path, capsys):
+    """--reference of run (none; a label image with --reference-label) and of stats (mask, none,
+    a label name, --magnitude, a region file; the whole-mask fallback with its note)."""
+    base = ["run", "--magnitude", str(sim_multi / "magnitude.nii.gz"), "--phase",
+            str(sim_multi / "phase.nii.gz"), "--mask", str(sim_multi / "mask_true.nii.gz"),
+            "--unwrapping", "laplacian", "--background", "vsharp", "--inversion", "tkd", "--quiet"]
+    labels = str(sim_multi / "labels.nii.gz")
+    assert main([*base, "--out", str(tmp_path / "none"), "--reference", "none"]) == 0
+    assert main([*base, "--out", str(tmp_path / "lab"), "--reference", labels,
+                 "--reference-label", str(LABEL_IDS["csf"])]) == 0
+    assert json.loads((tmp_path / "none" / "chi.json").read_text())["reference"]["how"] == "none"
+    assert not (tmp_path / "none" / "reference.nii.gz").exists()
+    lab = json.loads((tmp_path / "lab" / "chi.json").read_text())["reference"]
+    raw, chi = load(tmp_path / "none" / "chi.nii.gz"), load(tmp_path / "lab" / "chi.nii.gz")
+    region = (load(labels) == LABEL_IDS["csf"]) & (load(tmp_path / "lab" / "local_mask.nii.gz") > 0)
+    assert lab["how"] == "region" and lab["file"] == labels and lab["voxels"] == region.sum()
+    assert lab["offset_ppm"] == pytest.approx(raw[region].mean(), abs=1e-6)
+    inside = load(tmp_path / "lab" / "local_mask.nii.gz") > 0
+    np.testing.assert_allclose(chi[inside], raw[inside] - lab["offset_ppm"], atol=1e-5)
+    assert main(["run", *base[1:], "--out", str(tmp_path / "x"), "--reference-label", "1"]) == 2
+    assert "--reference-label needs a label image" in capsys.readouterr().err
+    assert main(["run", *base[1:], "--out", str(tmp_path / "x"), "--reference", "csf"]) == 2
+    assert "--reference csf: neither auto, mask, none nor" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # stats of the unreferenced map: each choice, the offset it subtracts in the sidecar
+    chi_path = str(tmp_path / "none" / "chi.nii.gz")
+    expect = {"mask": raw[raw != 0].mean(), "csf": raw[(load(labels) == 1) & (raw != 0)].mean(),
+              "file": raw[region].mean()}
+    for name, extra in (("mask", ["--reference", "mask"]), ("none", ["--reference", "none"]),
+                        ("csf", ["--reference", "1"]), ("file", ["--reference", labels,
+                                                                  "--reference-label", "1"]),
+                        ("mag", ["--magnitude", str(sim_multi / "magnitude.nii.gz")]),
+                        ("fallback", [])):
+        assert main(["stats", "--chi", chi_path, "--labels", labels, "--out",
+                     str(tmp_path / f"{name}.csv"), "--no-plot", "--quiet", *extra]) == 0, name
+        info = json.loads((tmp_path / f"{name}.json").read_text())["reference"]
+        rows = {r["label"]: r for r in csv.DictReader((tmp_path / f"{name}.csv").open())}
+        if name in expect:
+            assert info["offset_ppm"] == pytest.approx(expect[name], abs=1e-6), name
+        if name == "none":
+            assert info["how"] == "none" and rows["4"]["mean_ref"] == "nan"
+        else:
+            assert float(rows["4"]["mean_ref"]) == pytest.approx(
+                float(rows["4"]["mean"]) - info["offset_ppm"], abs=1e-5), name
+    assert json.loads((tmp_path / "mag.json").read_text())["reference"]["how"] == "csf"
+    fb = json.loads((tmp_path / "fallback.json").read_text())["reference"]
+    assert fb["how"] == "mask" and "no --magnitude" in fb["fallback"]
+    assert "no CSF reference found" in capsys.readouterr().err
 
 
 def test_mask_command(sim, tmp_path):

@@ -13,11 +13,8 @@ CSF_LABEL = 10
 
 
 @pytest.fixture(scope="module")
-def head():
-    from conftest import shared
-    from qsmkit.headmodel import load_head_model
-
-    return load_head_model(shared("head-model"), block=2)
+def head(head_model):
+    return head_model
 
 
 @pytest.mark.parametrize("b0", [3.0, 7.0])

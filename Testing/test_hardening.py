@@ -264,12 +264,13 @@ def test_signal_during_commit_waits_for_the_whole_set(tmp_path, monkeypatch):
     assert (folder / "a.txt").read_text() == "new" and (folder / "b.txt").read_text() == "new"
 
 
-def _fake_pipeline(mag, pha, te, b0, vs, b0_dir, mask=None, config=None, progress=None):
+def _fake_pipeline(mag, pha, te, b0, vs, b0_dir, mask=None, config=None, progress=None,
+                   reference_region=None):
     from qsmkit.pipeline import PipelineResult
 
     m = np.ones(mag.shape[:3], bool) if mask is None else mask
     z = np.zeros(mag.shape[:3], np.float32)
-    return PipelineResult(m, z, z, m, z, config, [])
+    return PipelineResult(m, z, z, m, z, config, [], None, {"how": "none", "requested": "none"})
 
 
 @pytest.mark.parametrize("sig, code", [(None, 130), (signal.SIGTERM, 143)])

@@ -230,6 +230,7 @@ def test_qsm2016_challenge():
         res[name] = {k: metrics.nrmse(chi, ref, mask) for k, ref in refs.items()}
         res[name]["hfen"] = metrics.hfen(chi, refs["chi_33"], mask)
         res[name]["info"] = info
+        res[name]["chi"] = chi
         print(f"qsm2016 {name}: NRMSE {res[name]['chi_33']:.1f} % vs chi_33, "
               f"{res[name]['cosmos']:.1f} % vs COSMOS, HFEN {res[name]['hfen']:.1f} %")
     bars = {"lsqr": (95.0, 75.0, 10.0), "tv": (95.0, 79.0, 5.0)}
@@ -240,6 +241,20 @@ def test_qsm2016_challenge():
         assert res[name]["cosmos"] < res["tkd"]["cosmos"] - margin
         assert res[name]["hfen"] < res["tkd"]["hfen"] - 10
     assert res["tv"]["info"]["stopped_by"] == "tol"
+    # tv is the default because it keeps deep-gray contrast: the 11 ROI means (relative to the
+    # mask's mean) against chi_33's, slope 0.95 and mean error 15.8 ppb measured (FOCUSS 0.66 /
+    # 22.2 ppb). The references disagree by 12.7 ppb between themselves (COSMOS vs chi_33),
+    # mostly in the white-matter ROIs 9 and 11, where chi_33 carries anisotropy.
+    labels = d["labels"]
+
+    def roi_means(x):
+        x = np.where(mask, x - x[mask].mean(), 0)
+        return np.array([x[labels == k].mean() for k in range(1, 12)])
+
+    ref_means, tv_means = roi_means(refs["chi_33"]), roi_means(res["tv"]["chi"])
+    slope = np.polyfit(ref_means, tv_means, 1)[0]
+    assert 0.9 < slope < 1.1, slope
+    assert 1000 * np.abs(tv_means - ref_means).mean() < 18.0
 
 
 # ------------------------------------------------------------------------------- bad input

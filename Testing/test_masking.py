@@ -18,7 +18,7 @@ import pytest
 
 from qsmkit import masking
 from qsmkit.errors import QSMInputError
-from qsmkit.simulate import LABEL_IDS, make_phantom, simulate_acquisition
+from qsmkit.simulate import LABEL_IDS, simulate_acquisition
 
 
 def dice(a, b):
@@ -26,8 +26,8 @@ def dice(a, b):
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    ph = make_phantom()
+def phantom(default_phantom):
+    ph = default_phantom
     acq = simulate_acquisition(ph, te=(0.020,), b0=3.0, snr=100, phase_offset=False, seed=0)
     return ph, acq
 
@@ -44,11 +44,8 @@ def test_masks_of_the_phantom(phantom):
 
 
 @pytest.fixture(scope="module")
-def head():
-    from conftest import shared
-    from qsmkit.headmodel import load_head_model
-
-    return load_head_model(shared("head-model"), block=2)
+def head(head_model):
+    return head_model
 
 
 @pytest.mark.parametrize("b0,te", [(3.0, 0.020), (7.0, 0.025)], ids=["3T-TE20", "7T-TE25"])

@@ -19,8 +19,8 @@ def small():
 
 
 @pytest.fixture(scope="module")
-def default():
-    return sim.make_phantom()
+def default(default_phantom):
+    return default_phantom
 
 
 def vessel_angle_deg(ph):

@@ -83,8 +83,8 @@ def recoverable_fraction(truth, mask):
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    return make_phantom()
+def phantom(default_phantom):
+    return default_phantom
 
 
 def phantom_data(ph, b0, te):
@@ -253,11 +253,8 @@ def test_romeo_on_the_voxel_integrated_phantom(small_phantom, case):
 
 
 @pytest.fixture(scope="module")
-def head():
-    from conftest import shared
-    from qsmkit.headmodel import load_head_model
-
-    return load_head_model(shared("head-model"), block=2)
+def head(head_model):
+    return head_model
 
 
 # (B0, TE): the bar, 99.9 % of the brain mask

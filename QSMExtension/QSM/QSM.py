@@ -116,8 +116,9 @@ under <i>Methods</i>. See the <a href="https://github.com/QSMExtension/QSMExtens
 documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
-The method follows FOCUSS-QSM with a magnitude prior and projection onto dipole fields
-(Liu et al., NMR Biomed 2011). Built with the qsmkit package of QSMExtension.
+The default dipole inversion is TV with the magnitude's edges (MEDI's edge mask, Liu et al.,
+MRM 2011), solved as in FANSI (Milovic et al., MRM 2018); FOCUSS-QSM with a magnitude prior is
+the project's original method and stays available. Built with the qsmkit package of QSMExtension.
 """)
         if sys.version_info < MINIMUM_PYTHON:
             message = _("QSM needs Slicer {version} or later (Python {python}+); this Slicer's "

@@ -1,9 +1,9 @@
 """QSM Dipole Inversion: local field -> susceptibility (chi, ppm), as a 3D Slicer module.
 
-The inversion stage of the QSM module on its own: FOCUSS-QSM with the magnitude prior (the
-default), closed-form L2 (with an L-curve lambda) or TKD, on a local field map inside a mask,
-optionally referenced to the whole mask or to a region such as CSF. It runs ``qsmkit invert``
-in a background process (progress, log, Cancel).
+The inversion stage of the QSM module on its own: TV with the magnitude's edges (the default),
+FOCUSS-QSM with the magnitude prior, closed-form L2 (with an L-curve lambda) or TKD, on a local
+field map inside a mask, optionally referenced to the whole mask or to a region such as CSF. It
+runs ``qsmkit invert`` in a background process (progress, log, Cancel).
 
 From the Python console::
 
@@ -47,8 +47,9 @@ class QSMDipoleInversion(ScriptedLoadableModule):
         self.parent.contributors = ["QSMExtension developers"]
         self.parent.helpText = _("""
 Dipole inversion: from the local (tissue) field to the susceptibility map chi in ppm.
-FOCUSS-QSM with the magnitude prior is the default; closed-form L2 (lambda=lcurve picks lambda
-at the L-curve corner) and TKD are the alternatives. chi can be referenced to the mask mean or
+TV with the magnitude's edges (MEDI edge mask, weight from the field's noise) is the default;
+FOCUSS-QSM with the magnitude prior, closed-form L2 (lambda=lcurve picks lambda at the L-curve
+corner) and TKD are the alternatives. chi can be referenced to the mask mean or
 to a region (e.g. CSF). See the
 <a href="https://github.com/QSMExtension/QSMExtension#readme">documentation</a>.
 """)
@@ -58,7 +59,7 @@ to a region (e.g. CSF). See the
 @parameterNodeWrapper
 class QSMDipoleInversionParameterNode:
     """localField - tissue field (units in fieldUnits); brainMask - where it is valid;
-    magnitude - the prior's image (recommended for FOCUSS); fieldUnits, fieldStrengthT,
+    magnitude - the edge prior's image (recommended); fieldUnits, fieldStrengthT,
     echoTimeMs - to convert Hz or rad to ppm; method, parameters ("key=value ..."), device;
     reference, referenceRegion, referenceLabel - chi referencing; chiVolume - output."""
 
@@ -139,8 +140,9 @@ class QSMDipoleInversionLogic(QSMLogic, ScriptedLoadableModuleLogic):
 
 
 class QSMDipoleInversionTest(ScriptedLoadableModuleTest):
-    """Inside Slicer (Developer mode: Reload and Test): FOCUSS on the phantom's true local field,
-    through the module's background process, equals qsmkit run in-process on the same arrays."""
+    """Inside Slicer (Developer mode: Reload and Test): the default inversion of the phantom's true
+    local field, through the module's background process, equals qsmkit run in-process on the
+    same arrays."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()

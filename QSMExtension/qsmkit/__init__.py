@@ -25,6 +25,7 @@ _EXPORTS = {
     # one function per stage
     "combine_coils": "api", "brain_mask": "api", "unwrap_phase": "api", "total_field": "api",
     "remove_background": "api", "invert_dipole": "api", "roi_statistics": "api",
+    "find_reference": "api",
     "list_methods": "api", "method_parameters": "api",
     # files
     "Volume": "io", "load_volume": "io", "save_volume": "io",

@@ -24,7 +24,8 @@ from .registry import Parameter
 from .unwrapping import UNWRAPPING
 
 __all__ = ["brain_mask", "unwrap_phase", "total_field", "remove_background", "invert_dipole",
-           "combine_coils", "roi_statistics", "list_methods", "method_parameters"]
+           "combine_coils", "roi_statistics", "find_reference", "list_methods",
+           "method_parameters"]
 
 _REGISTRIES = {"masking": MASKING, "unwrapping": UNWRAPPING, "background": BACKGROUND,
                "inversion": INVERSION}
@@ -192,13 +193,13 @@ def invert_dipole(field, mask, voxel_size, b0_dir, magnitude=None, method="auto"
     b0_dir : sequence of 3 float
         Unit B0 direction in voxel axes.
     magnitude : ndarray, optional
-        Magnitude image, the prior of ``focuss`` (and weights of ``tv``/``lsqr``).
+        Magnitude image: the edge prior of ``tv`` and ``focuss`` (and data weights of ``tv``/``lsqr``).
     method : str
-        ``"auto"`` (``focuss``), ``"focuss"``, ``"tkd"``, ``"l2"``, ``"lsqr"`` or ``"tv"``.
+        ``"auto"`` (``tv``), ``"focuss"``, ``"tkd"``, ``"l2"``, ``"lsqr"`` or ``"tv"``.
     device : str
         ``"cpu"``, ``"gpu"`` or ``"auto"``.
     **params
-        Parameters of the method, e.g. ``refine=30`` for ``focuss``.
+        Parameters of the method, e.g. ``max_iter=200`` for ``tv``, ``refine=30`` for ``focuss``.
 
     Returns
     -------
@@ -252,7 +253,40 @@ def combine_coils(channels, phase=None, body=None, body_phase=None, te=None, vox
                    voxel_size=voxel_size, mask=mask, **params)
 
 
-def roi_statistics(chi, labels, voxel_size, label_names=None, reference=None, erode_mm=0.0):
+def find_reference(mask, voxel_size, how="auto", magnitude=None, te=None, region=None):
+    """The reference region of chi: the region whose mean chi is taken as zero.
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+        Brain mask (where chi is defined); the region lies inside it.
+    voxel_size : sequence of 3 float
+        Voxel size (mm).
+    how : str
+        ``"auto"`` (ventricular CSF found in the data, eroded: from R2* with two or more echoes
+        and ``te``, else from the last echo's magnitude; the whole mask when none is found,
+        with the reason in ``info["fallback"]``), ``"mask"``, ``"region"`` or ``"none"``.
+    magnitude : ndarray, optional
+        (X, Y, Z) or (X, Y, Z, E) magnitude, for ``"auto"``.
+    te : sequence of float, optional
+        Echo times (s) of a multi-echo ``magnitude``.
+    region : ndarray of bool, optional
+        The region for ``how="region"``.
+
+    Returns
+    -------
+    region : ndarray of bool, or None for ``"none"``
+    info : dict
+        ``how`` (what was used: ``csf``, ``mask``, ``region`` or ``none``), ``requested``,
+        ``voxels``, ``volume_ml``, ``csf`` (the CSF rule's record), ``fallback`` (why not CSF).
+    """
+    from .reference import find_reference as find
+
+    return find(how, mask, voxel_size, magnitude=magnitude, te=te, region=region)
+
+
+def roi_statistics(chi, labels, voxel_size, label_names=None, reference=None, erode_mm=0.0,
+                   reference_region=None):
     """Chi statistics per region, relative to a reference region.
 
     Parameters
@@ -270,6 +304,8 @@ def roi_statistics(chi, labels, voxel_size, label_names=None, reference=None, er
         mean.
     erode_mm : float
         Erode every region by this many mm first.
+    reference_region : ndarray of bool, optional
+        The reference as a region instead of a label (e.g. from :func:`find_reference`).
 
     Returns
     -------
@@ -279,7 +315,8 @@ def roi_statistics(chi, labels, voxel_size, label_names=None, reference=None, er
     """
     from .stats import roi_table
 
-    return roi_table(chi, labels, voxel_size, label_names, reference=reference, erode_mm=erode_mm)
+    return roi_table(chi, labels, voxel_size, label_names, reference=reference, erode_mm=erode_mm,
+                     reference_region=reference_region)
 
 
 def list_methods(stage) -> list[str]:

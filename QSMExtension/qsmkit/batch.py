@@ -195,7 +195,7 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
         meta = sidecar(cfg, res.stages, inputs={"magnitude": subject.magnitude,
                                                 "phase": subject.phase, "te": te, "b0": b0},
                        extra={"units": {"chi": "ppm", "field": "ppm"}, "subject": subject.key,
-                              **report.pipeline_record(res.stages)})
+                              **report.pipeline_record(res.stages), "reference": res.reference})
         # all derivatives are staged and move into place together (``io.OutputSet``): a
         # subject that fails or is interrupted leaves none of them
         with io.OutputSet() as outset:
@@ -207,8 +207,11 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
                 lab = io.load_volume(subject.labels, what="label map")
                 io.check_same_grid(pha, lab, "phase", "label map")
                 names = stats.read_label_names(subject.label_names) if subject.label_names else {}
+                # without a reference label: the pipeline's reference (CSF found in the data)
                 rows = stats.roi_table(res.chi, stats.label_map(lab.data, subject.labels),
-                                       pha.voxel_size, names, reference=reference)
+                                       pha.voxel_size, names, reference=reference,
+                                       reference_region=None if reference else
+                                       res.reference_region)
                 stats.write_table(rows, outset.path(paths["stats"]), subject=subject.key)
             qc_png(outset.path(paths["qc"]), combine_magnitude(mag.data), res, subject.key)
         return {"subject": subject.key, "status": "ok", "seconds": time.perf_counter() - t0,

@@ -15,10 +15,11 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
-from . import __version__, backend, geometry, io, kspace, qc, report, units
+from . import __version__, backend, geometry, io, kspace, qc, reference, report, units
 from . import fsl as _fsl  # registers FSL's bet and prelude as masking and unwrapping methods
 from .background import BACKGROUND
 from .echoes import combine_magnitude
@@ -27,6 +28,7 @@ from .inversion import INVERSION
 from .masking import MASKING
 from .pipeline import STAGES, PipelineConfig, accepts, peak_memory_mb, run_pipeline, sidecar
 from .progress import Progress, iterate
+from .reference import CHOICES as REFERENCE_CHOICES
 from .registry import validate_params
 from .simulation_files import write_simulation
 from .unwrapping import UNWRAPPING
@@ -238,26 +240,30 @@ def cmd_run(args):
     mag, pha, te, b0 = _read_inputs(args)
     warn_if_not_magnitude(mag.data, (args.magnitude or args.dicom)[0])
     mask = load_mask(args.mask, pha) if args.mask else None
+    how, region = reference_option(args, pha)
     # the stages run in the voxel order closest to RAS whatever the file's, outputs go back
     order = geometry.CanonicalOrder(pha.affine, pha.data.shape)
     file_affine = pha.affine
     mag = io.Volume(order.forward(mag.data), order.canonical_affine, mag.path, mag.meta)
     pha = io.Volume(order.forward(pha.data), order.canonical_affine, pha.path, pha.meta)
-    mask = order.forward(mask)
+    mask, region = order.forward(mask), order.forward(region)
     if getattr(args, "apodize", 0):  # the phase only: masking and priors keep the sharp magnitude
         pha.data = kspace.apodize(mag.data, pha.data, args.apodize)[1]
-    cfg = _config(args).resolved()
-    names = ("mask", "field_total", "field_local", "local_mask", "chi")
+    cfg = replace(_config(args), reference=how).resolved()
+    names = ("mask", "field_total", "field_local", "local_mask", "chi", "reference")
     outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
     check_outputs([*outs.values(), os.path.join(args.out, "mask_qc.png")],
-                  [*(args.magnitude or []), *(args.phase or []), args.mask])
+                  [*(args.magnitude or []), *(args.phase or []), args.mask, args.reference])
     b0_dir = b0_dir_for(pha, args.b0_dir)
     progress = Progress(len(STAGES), args.quiet, "qsmkit run")
     try:
         res = run_pipeline(mag.data, pha.data, te, b0, pha.voxel_size, b0_dir,
-                           mask=mask, config=cfg, progress=progress)
+                           mask=mask, config=cfg, progress=progress, reference_region=region)
     finally:
         progress.close()
+    ref_info = {**res.reference, **({"file": args.reference} if region is not None else {})}
+    if res.reference_region is None:
+        del outs["reference"]
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
                                             "dicom": args.dicom, "mask": args.mask, "te": te,
                                             "b0": b0, "b0_dir_voxel": list(map(float, b0_dir)),
@@ -266,22 +272,50 @@ def cmd_run(args):
                                             "apodize": getattr(args, "apodize", 0.0),
                                             **_phase_record(pha)},
                    extra={"units": {"chi": "ppm", "field": "ppm"}, **_fsl_record(cfg),
-                          **report.pipeline_record(res.stages),
+                          **report.pipeline_record(res.stages), "reference": ref_info,
                           "mask_volume_ml": round(qc.mask_volume_ml(res.mask, pha.voxel_size), 1)})
     qc_png = os.path.join(args.out, "mask_qc.png") if _can_plot() else None
     if qc_png is None:
         print("qsmkit: note: matplotlib is not installed: no mask_qc.png", file=sys.stderr)
     with io.OutputSet() as outset:  # all five (and sidecars, and the QC figure) move in together
         for n, path in outs.items():
-            data = order.back(getattr(res, n))
+            data = order.back(res.reference_region if n == "reference" else getattr(res, n))
             io.save_volume(outset.path(path), data, file_affine, sidecar=meta,
                            dtype=np.uint8 if data.dtype == bool else np.float32)
         if qc_png:
             qc.write_mask_qc(outset.path(qc_png), mag.data, res.mask, pha.affine)
     if not args.quiet:
         print_stage_times(res.stages)
-    report.summary("run", meta["method"], time.perf_counter() - t_start, [*outs.values(), qc_png],
-                   args.quiet)
+    note = reference.fallback_note(ref_info)
+    if note:
+        print(note, file=sys.stderr)
+    report.summary("run", f"{meta['method']}; {reference.describe(ref_info)}",
+                   time.perf_counter() - t_start, [*outs.values(), qc_png], args.quiet)
+
+
+def reference_option(args, like: io.Volume):
+    """``--reference`` (and ``--reference-label``) of ``run``: (how, region or None). A file is a
+    mask or label image on ``like``'s grid: the region is ``--reference-label`` in it, else
+    every label > 0."""
+    ref = args.reference or "auto"
+    if ref.lower() in REFERENCE_CHOICES:
+        if args.reference_label is not None:
+            raise QSMInputError("--reference-label needs a label image as --reference")
+        return ref.lower(), None
+    if not os.path.exists(ref):
+        raise QSMInputError(f"--reference {ref}: neither auto, mask, none nor an existing mask or "
+                            "label image file")
+    from .stats import label_map
+
+    rvol = io.load_volume(ref, what="reference region", allow_complex=False)
+    io.check_same_grid(like, rvol, "phase", "reference region")
+    labels = label_map(rvol.data, ref)
+    region = labels == args.reference_label if args.reference_label is not None else labels > 0
+    if not region.any():
+        raise QSMInputError("reference region has no voxels"
+                            + (f" with label {args.reference_label}" if args.reference_label
+                               is not None else ""), ref)
+    return "region", region
 
 
 def _phase_record(pha):
@@ -623,10 +657,68 @@ def cmd_stats(args):
     meta_path = None if args.append or args.out.endswith(".json") else base + ".json"
     png_path = None if args.append or args.no_plot else base + ".png"
     extra_outputs = [p for p in (meta_path, png_path) if p]
-    check_outputs([args.out, *extra_outputs], [args.chi, args.labels, args.label_names])
+    ref_label, ref_file = _stats_reference_kind(args.reference)
+    check_outputs([args.out, *extra_outputs], [args.chi, args.labels, args.label_names,
+                                               args.magnitude, ref_file])
+    labels, names, regions = _stats_labels(args, chi)
+    outside, empty = {}, []
+    if regions is None:
+        labels, outside, empty = labels_inside_chi_mask(chi, labels, names, args, ref_label)
+    else:
+        regions, outside = regions_inside_chi_mask(chi, regions, args, ref_label)
+    region, ref_info = (None, None) if ref_label is not None else \
+        _stats_reference_region(args, chi, ref_file)
+    subject = args.subject if (args.subject or args.append) else None
+    if args.append and subject is None:
+        subject = io.image_stem(os.path.basename(args.chi))
+    # a label map: statistics of all labels in one pass (no mask per label)
+    rows = stats.roi_table(chi.data, labels if regions is None else regions, chi.voxel_size,
+                           names if regions is None else None, reference=ref_label,
+                           erode_mm=args.erode, empty_labels=empty, reference_region=region)
+    if ref_label is not None:
+        ref_info, ref_name = _label_reference_info(rows, ref_label, chi.voxel_size)
+    else:
+        ref_info["offset_ppm"] = round(float(chi.data[region].mean()), 6) if region is not None \
+            else None
+        ref_name = {"csf": "CSF (auto)", "mask": "whole mask"}.get(ref_info["how"],
+                                                                     ref_info.get("name"))
+    note = reference.fallback_note(ref_info, args.chi)  # said once the outputs are written
+    if args.append:  # read-modify-write of the cohort table, itself atomic
+        stats.write_table(rows, args.out, subject=subject, append=True)
+        if note:
+            print(note, file=sys.stderr)
+        return _print_rows(rows, args.quiet)
+    with io.OutputSet() as outset:
+        _write_stats(outset, rows, args, subject, ref_name, ref_info, meta_path, png_path, t_start,
+                     outside)
+    if note:
+        print(note, file=sys.stderr)
+    _print_rows(rows, args.quiet)
+    report.summary("stats", f"{len(rows)} regions, {reference.describe(ref_info)}",
+                   time.perf_counter() - t_start, [args.out, meta_path, png_path], args.quiet)
+
+
+_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _stats_reference_kind(ref):
+    """``--reference`` of ``stats``: (label name or number, or None; reference image file, or
+    None). ``auto``, ``mask`` and ``none`` are choices; a name ending like an image is a file."""
+    if ref is None or ref.lower() in REFERENCE_CHOICES:
+        return None, None
+    if ref.lower().endswith(_IMAGE_SUFFIXES):
+        return None, ref
+    return ref, None
+
+
+def _stats_labels(args, chi: io.Volume):
+    """(label map or None, label names, regions or None) on the chi map's grid."""
+    from . import stats
+
+    names = {}
     if args.labels.endswith(".seg.nrrd"):
         regions, affine = stats.read_segmentation(args.labels)
-        shape = regions[0].mask.shape
+        labels, shape = None, regions[0].mask.shape
     else:
         lab = io.load_volume(args.labels, what="label map", allow_shear=True)
         if lab.data.ndim != 3:
@@ -634,46 +726,97 @@ def cmd_stats(args):
         labels = stats.label_map(lab.data, args.labels)
         names = stats.read_label_names(args.label_names) if args.label_names else {}
         regions, affine, shape = None, lab.affine, labels.shape
-    if not geometry.same_grid(chi.affine, chi.shape3, affine, shape):
-        if not args.resample:
-            raise QSMInputError(f"labels {shape} are not on the chi map's grid {chi.shape3}; give "
-                                "--resample to resample them (nearest neighbour)", args.labels)
-        resampled = []
-        for r in (regions or [stats.Region(0, "", labels)]):
-            data, inside = stats.resample_nearest(r.mask if regions else labels, affine,
-                                                  chi.shape3, chi.affine)
-            resampled.append(stats.Region(r.label, r.name, data))
-        if inside == 0 or not any(r.mask.any() for r in resampled):
-            raise QSMInputError("labels and chi map do not overlap in space", args.labels)
-        print(f"qsmkit: warning: {args.labels}: labels resampled (nearest neighbour) onto the chi "
-              f"grid; {100 * inside:.0f} % of chi voxels lie inside the label grid", file=sys.stderr)
-        if regions:
-            regions = resampled
-        else:
-            labels = resampled[0].mask
-    outside, empty = {}, []
-    if regions is None:
-        labels, outside, empty = labels_inside_chi_mask(chi, labels, names, args)
-    else:
-        regions, outside = regions_inside_chi_mask(chi, regions, args)
-    subject = args.subject if (args.subject or args.append) else None
-    if args.append and subject is None:
-        subject = io.image_stem(os.path.basename(args.chi))
-    # a label map: statistics of all labels in one pass (no mask per label)
-    rows = stats.roi_table(chi.data, labels if regions is None else regions, chi.voxel_size,
-                           names if regions is None else None, reference=args.reference,
-                           erode_mm=args.erode, empty_labels=empty)
-    ref = stats.resolve_reference(args.reference, {r["label"]: r["name"] for r in rows})
-    ref_name = next((r["name"] for r in rows if r["label"] == ref), None)
-    if args.append:  # read-modify-write of the cohort table, itself atomic
-        stats.write_table(rows, args.out, subject=subject, append=True)
-        return _print_rows(rows, args.quiet)
-    with io.OutputSet() as outset:
-        _write_stats(outset, rows, args, subject, ref_name, meta_path, png_path, t_start, outside)
-    _print_rows(rows, args.quiet)
-    method = f"{len(rows)} regions" + (f", reference {ref_name}" if ref_name else "")
-    report.summary("stats", method, time.perf_counter() - t_start,
-                   [args.out, meta_path, png_path], args.quiet)
+    if geometry.same_grid(chi.affine, chi.shape3, affine, shape):
+        return labels, names, regions
+    if not args.resample:
+        raise QSMInputError(f"labels {shape} are not on the chi map's grid {chi.shape3}; give "
+                            "--resample to resample them (nearest neighbour)", args.labels)
+    resampled = []
+    for r in (regions or [stats.Region(0, "", labels)]):
+        data, inside = stats.resample_nearest(r.mask if regions else labels, affine,
+                                              chi.shape3, chi.affine)
+        resampled.append(stats.Region(r.label, r.name, data))
+    if inside == 0 or not any(r.mask.any() for r in resampled):
+        raise QSMInputError("labels and chi map do not overlap in space", args.labels)
+    print(f"qsmkit: warning: {args.labels}: labels resampled (nearest neighbour) onto the chi "
+          f"grid; {100 * inside:.0f} % of chi voxels lie inside the label grid", file=sys.stderr)
+    return (None, names, resampled) if regions else (resampled[0].mask, names, None)
+
+
+def _stats_reference_region(args, chi: io.Volume, ref_file):
+    """The reference region of ``stats`` when it is not a label of --labels: (region or None,
+    record). ``auto``: CSF found in --magnitude inside the chi map's mask, else the region
+    ``qsmkit run`` wrote beside the chi map (``reference.nii.gz``, named in its sidecar), else
+    the whole mask (chi's mask, or chi != 0) with the reason."""
+    inside, source = chi_mask(chi, args.mask)
+    if inside is None:
+        inside, source = np.asarray(chi.data) != 0, "chi != 0"
+    how = (args.reference or "auto").lower()
+    if ref_file:
+        rvol = io.load_volume(ref_file, what="reference region", allow_complex=False)
+        io.check_same_grid(chi, rvol, "chi map", "reference region")
+        from .stats import label_map
+
+        labels = label_map(rvol.data, ref_file)
+        given = labels == args.reference_label if args.reference_label is not None else labels > 0
+        try:
+            region, info = reference.find_reference("region", inside, chi.voxel_size, region=given)
+        except QSMInputError as err:
+            raise QSMInputError(str(err), ref_file) from None
+        return region, {**info, "file": ref_file, "label": args.reference_label}
+    if args.reference_label is not None:
+        raise QSMInputError("--reference-label needs a label image as --reference")
+    if how != "auto" or args.magnitude:
+        mag, te = _stats_magnitude(args, chi) if how == "auto" else (None, None)
+        region, info = reference.find_reference(how, inside, chi.voxel_size, magnitude=mag, te=te)
+        return region, {**info, "mask": source}
+    beside = _run_reference_beside(chi, args.chi)
+    if beside is not None:
+        region, info = reference.find_reference("region", inside, chi.voxel_size, region=beside[0])
+        return region, {**info, "how": "csf" if beside[1].get("how") == "csf" else "region",
+                        "requested": "auto", "file": beside[2], "csf": beside[1].get("csf"),
+                        "mask": source}
+    region, info = reference.find_reference("auto", inside, chi.voxel_size)
+    info["fallback"] = ("no --magnitude to find CSF in (or give --reference with a CSF label), "
+                        "and no reference.nii.gz from qsmkit run "
+                        "beside the chi map")
+    return region, {**info, "mask": source}
+
+
+def _stats_magnitude(args, chi: io.Volume):
+    """--magnitude on the chi grid and the echo times for R2* (--te, else its sidecar's)."""
+    mag = io.load_volume(args.magnitude, what="magnitude", allow_complex=False)
+    io.check_same_grid(chi, mag, "chi map", "magnitude")
+    data = np.asarray(mag.data, np.float32)
+    te = list(args.te) if args.te else mag.meta.get("te")
+    if data.ndim == 4 and te is not None and len(te) != data.shape[3]:
+        raise QSMInputError(f"{len(te)} echo time(s) for {data.shape[3]} echoes", args.magnitude)
+    return np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0), te
+
+
+def _run_reference_beside(chi: io.Volume, chi_path):
+    """(region, record, path) of the reference that ``qsmkit run`` wrote beside this chi map
+    (its sidecar's ``reference``), or None."""
+    info = chi.meta.get("reference") if chi.meta.get("software") == "qsmkit" else None
+    path = os.path.join(os.path.dirname(os.path.abspath(chi_path)), "reference.nii.gz")
+    if not isinstance(info, dict) or info.get("how") in (None, "none") or not os.path.exists(path):
+        return None
+    rvol = io.load_volume(path, what="reference region", allow_complex=False)
+    if not geometry.same_grid(chi.affine, chi.shape3, rvol.affine, rvol.data.shape[:3]):
+        return None
+    return np.asarray(rvol.data) > 0, info, path
+
+
+def _label_reference_info(rows, ref_label, voxel_size):
+    """The record of a reference given as a label of --labels, and its name."""
+    from .stats import resolve_reference
+
+    ref = resolve_reference(ref_label, {r["label"]: r["name"] for r in rows})
+    row = next(r for r in rows if r["label"] == ref)
+    n = int(row["voxels"])
+    return {"how": "label", "requested": str(ref_label), "name": row["name"], "label": ref,
+            "voxels": n, "volume_ml": round(n * float(np.prod(voxel_size)) / 1000, 2),
+            "offset_ppm": round(row["mean"], 6)}, row["name"]
 
 
 def _print_rows(rows, quiet):
@@ -684,7 +827,8 @@ def _print_rows(rows, quiet):
                   f"{r['mean_ref']:>9.4f}")
 
 
-def _write_stats(outset, rows, args, subject, ref_name, meta_path, png_path, t_start, outside):
+def _write_stats(outset, rows, args, subject, ref_name, ref_info, meta_path, png_path, t_start,
+                 outside):
     """The table, its JSON record and the bar chart, staged in ``outset``."""
     from . import stats
 
@@ -694,13 +838,16 @@ def _write_stats(outset, rows, args, subject, ref_name, meta_path, png_path, t_s
                               "device": backend.device_name("cpu"),
                               "seconds": round(time.perf_counter() - t_start, 3),
                               "peak_memory_mb": round(peak_memory_mb(), 1),
-                              "units": "ppm", "rows": rows,
+                              "units": "ppm", "rows": rows, "reference": ref_info,
                               "parameters": {"reference": args.reference, "reference_name": ref_name,
+                                             "reference_label": args.reference_label,
                                              "erode_mm": args.erode, "resample": args.resample,
-                                             "subject": subject, "mask": args.mask},
+                                             "subject": subject, "mask": args.mask,
+                                             "te": args.te},
                               "outside_chi_mask_voxels": outside,
                               "inputs": {"chi": args.chi, "labels": args.labels,
-                                         "label_names": args.label_names}})
+                                         "label_names": args.label_names,
+                                         "magnitude": args.magnitude}})
         io.write_json(outset.path(meta_path), meta)
     if png_path:
         stats.plot_referenced_means(rows, outset.path(png_path), ref_name,
@@ -720,7 +867,7 @@ def chi_mask(chi: io.Volume, mask_path=None):
     return None, None
 
 
-def regions_inside_chi_mask(chi: io.Volume, regions, args):
+def regions_inside_chi_mask(chi: io.Volume, regions, args, ref_label=None):
     """Regions cut to the chi map's mask, and {name: voxels outside it} for those that reach
     out of it (skull, air): a region wholly outside gets 0 voxels and NaN statistics. Says so
     on stderr; a reference region wholly outside is an error."""
@@ -734,7 +881,7 @@ def regions_inside_chi_mask(chi: io.Volume, regions, args):
     if not outside:
         return regions, {}
     cut = [Region(r.label, r.name, r.mask & inside) for r in regions]
-    ref = resolve_reference(args.reference, regions)
+    ref = resolve_reference(ref_label, regions)
     for r in cut:
         if r.label == ref and not r.mask.any():
             raise QSMInputError(f"reference region {r.name} lies wholly outside the chi map's "
@@ -752,7 +899,7 @@ def regions_inside_chi_mask(chi: io.Volume, regions, args):
     return cut, outside
 
 
-def labels_inside_chi_mask(chi: io.Volume, labels, names, args):
+def labels_inside_chi_mask(chi: io.Volume, labels, names, args, ref_label=None):
     """A label map cut to the chi map's mask (voxels outside set to 0, in one pass), {name:
     voxels outside} for labels that reach out of it, and the labels wholly outside it (listed
     with 0 voxels and NaN statistics). Says so on stderr; a reference wholly outside is an error."""
@@ -768,7 +915,7 @@ def labels_inside_chi_mask(chi: io.Volume, labels, names, args):
     if not outside:
         return labels, {}, []
     whole = [lab for lab in name if kept[lab] == 0]
-    ref = resolve_reference(args.reference, name)
+    ref = resolve_reference(ref_label, name)
     if ref in whole:
         raise QSMInputError(f"reference region {name[ref]} lies wholly outside the chi map's "
                             f"mask ({source})", args.labels)
@@ -1149,10 +1296,23 @@ def _add_run_command(sub):
                    help="drop mask voxels whose field gradient lies beyond Q3 + FENCE x IQR before "
                    "background removal (e.g. 3: next to sinuses); 0 off (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    _add_run_reference(p)
     _add_methods(p)
     _add_b0_dir(p)
     _add_common(p)
     p.set_defaults(func=cmd_run)
+
+
+def _add_run_reference(p):
+    p.add_argument("--reference", default="auto", metavar="auto|mask|none|REGION.nii.gz",
+                   help="the region whose mean chi is zero: auto = ventricular CSF found in the "
+                        "data (R2* or late-echo magnitude, eroded; the whole mask if none is "
+                        "found, with a note), mask = the whole mask, none = as the inversion "
+                        "gives it, or a mask or label image (e.g. a CSF segmentation); written "
+                        "as reference.nii.gz (default auto)")
+    p.add_argument("--reference-label", type=int, metavar="N",
+                   help="with a label image as --reference: the label of the region (default: "
+                        "every label > 0)")
 
 
 def _add_simulate_command(sub):
@@ -1300,7 +1460,7 @@ def _add_invert_command(sub):
     p.add_argument("--mask", required=True, metavar="FILE",
                    help="where the local field is valid (0/1), e.g. background's OUT_mask")
     p.add_argument("--magnitude", metavar="FILE",
-                   help="magnitude for FOCUSS's edge prior (default: none, then no prior)")
+                   help="magnitude: edge prior of tv and focuss, data weights (default: none, no prior)")
     p.add_argument("--out", required=True, metavar="FILE", help="chi map (ppm)")
     _add_method(p, INVERSION, "dipole inversion")
     p.add_argument("--reference", metavar="mask|REGION.nii.gz",
@@ -1341,7 +1501,8 @@ def _add_batch_command(sub):
     p.add_argument("--force", action="store_true", help="redo subjects whose outputs are complete")
     p.add_argument("--reference", metavar="REGION",
                    help="reference region of the ROI statistics, a name in the dseg.tsv (e.g. "
-                        "csf) or a label number (default: none)")
+                        "csf) or a label number (default: the CSF that run's pipeline finds in "
+                        "the data, see qsmkit run --reference)")
     _add_methods(p)
     _add_common(p)
     p.set_defaults(func=cmd_batch)
@@ -1360,9 +1521,21 @@ def _add_stats_command(sub):
     p.add_argument("--label-names", metavar="FILE",
                    help="label names: FreeSurfer LUT, ITK-SNAP label file, CSV or BIDS dseg.tsv "
                         "(default: the label numbers)")
-    p.add_argument("--reference", metavar="REGION",
-                   help="reference region: label number or name, e.g. csf (default: none, "
-                        "mean_ref empty)")
+    p.add_argument("--reference", default="auto", metavar="auto|mask|none|REGION|FILE",
+                   help="the region mean_ref is relative to: auto = ventricular CSF found in "
+                        "--magnitude, else the reference.nii.gz that qsmkit run wrote beside the "
+                        "chi map, else the whole mask (with a note); mask = the chi map's whole "
+                        "mask; none = no reference (mean_ref empty); a label number or name of "
+                        "--labels (e.g. csf); or a mask or label image FILE (default auto)")
+    p.add_argument("--reference-label", type=int, metavar="N",
+                   help="with a label image as --reference: the label of the region (default: "
+                        "every label > 0)")
+    p.add_argument("--magnitude", metavar="FILE",
+                   help="magnitude (3-D, or 4-D echoes) on the chi grid, to find the CSF "
+                        "reference in (--reference auto; R2* with --te or the sidecar's echo "
+                        "times, else the last echo)")
+    p.add_argument("--te", nargs="+", type=float, metavar="SECONDS",
+                   help="echo times of a 4-D --magnitude (default: its JSON sidecar's)")
     p.add_argument("--erode", type=float, default=0.0, metavar="MM",
                    help="erode every region (reference included) by this many mm first (default 0)")
     p.add_argument("--resample", action="store_true",

@@ -39,6 +39,7 @@ import numpy as np
 
 from .dipole import forward_field
 from .errors import QSMInputError
+from .simulate import block_mean
 
 B0_DIR = (0.0, 0.0, 1.0)  # the model's third axis is superior
 
@@ -78,11 +79,12 @@ def read_chiref(path):
 
 
 def _block_mean(x, block):
+    """``simulate.block_mean`` over ``block``^3 voxels as float32, the array first cut to a
+    multiple of ``block`` per axis."""
     if block == 1:
         return x.astype(np.float32)
-    shape = tuple(n // block for n in x.shape)
-    x = x[tuple(slice(0, n * block) for n in shape)].astype(np.float32)
-    return x.reshape(shape[0], block, shape[1], block, shape[2], block).mean(axis=(1, 3, 5))
+    cut = x[tuple(slice(0, (n // block) * block) for n in x.shape)].astype(np.float32)
+    return block_mean(cut, (block,) * 3)
 
 
 def _block_mode(labels, block, n_labels):

@@ -18,7 +18,7 @@ from .dipole import k_grids
 from .errors import QSMInputError
 from .registry import Registry
 
-INVERSION = Registry("inversion", default="focuss")
+INVERSION = Registry("inversion", default="tv")
 
 
 def default_pad(shape):

@@ -1,6 +1,8 @@
 """The whole QSM pipeline as a sequence of registered stages, with timing and a sidecar record.
 
-mask -> total field (unwrapping, echo combination) -> background removal -> dipole inversion.
+mask -> total field (unwrapping, echo combination) -> background removal -> dipole inversion,
+then chi is taken relative to a reference region (``qsmkit.reference``: by default ventricular
+CSF found in the data, as published deep-gray values are).
 Masking and unwrapping run on the CPU (scikit-image); background removal and inversion
 run on the chosen device, and arrays stay there between those stages.
 """
@@ -12,7 +14,7 @@ import inspect
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -24,6 +26,8 @@ from .echoes import combine_magnitude, fit_field
 from .errors import QSMInputError
 from .inversion import INVERSION
 from .masking import MASKING, exclude_steep_field
+from .reference import CHOICES as REFERENCE_CHOICES
+from .reference import find_reference
 from .registry import validate_params
 from .unwrapping import UNWRAPPING
 
@@ -58,6 +62,9 @@ class PipelineConfig:
     #: > 0: drop the mask's steepest-field voxels before background removal (Tukey fence of
     #: the field gradient, ``masking.exclude_steep_field``); 0 off
     steep_field_fence: float = 0.0
+    #: the region whose mean chi is zero (``qsmkit.reference``): ``auto`` (CSF found in the
+    #: data, else the whole mask), ``mask``, ``none``, or ``region`` (given to ``run_pipeline``)
+    reference: str = "auto"
 
     def resolved(self) -> PipelineConfig:
         """A copy with ``auto`` replaced by the method each stage will use."""
@@ -78,7 +85,16 @@ class PipelineConfig:
                                          "the field fit"),
             **checked,
             steep_field_fence=float(self.steep_field_fence),
+            reference=_check_reference(self.reference),
         )
+
+
+def _check_reference(name):
+    name = str(name).lower()
+    if name not in (*REFERENCE_CHOICES, "region"):
+        raise QSMInputError(f"reference must be one of {', '.join(REFERENCE_CHOICES)} or region, "
+                            f"got {name!r}")
+    return name
 
 
 def _check_precision(name):
@@ -96,6 +112,10 @@ class PipelineResult:
     chi: np.ndarray
     config: PipelineConfig
     stages: list = field(default_factory=list)
+    #: the region chi is relative to (None for reference ``none``) and its record
+    #: (``qsmkit.reference``, with ``offset_ppm``, the mean chi subtracted, and ``seconds``)
+    reference_region: np.ndarray | None = None
+    reference: dict = field(default_factory=dict)
 
 
 def peak_memory_mb() -> float:
@@ -135,8 +155,9 @@ class StageTimer:
 
 def run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
                  config: PipelineConfig | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> PipelineResult:
-    """Run mask -> field -> background -> inversion.
+                 progress: Callable[[str, int, int], None] | None = None,
+                 reference_region=None) -> PipelineResult:
+    """Run mask -> field -> background -> inversion, then reference chi.
 
     Parameters
     ----------
@@ -146,14 +167,23 @@ def run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask=None,
     mask : optional brain mask; computed with ``config.masking`` when absent.
     progress : optional callback(stage, done, total).
     config : methods, parameters, device and working precision (``PipelineConfig``).
+    reference_region : the reference region (bool on the image grid), e.g. a CSF
+        segmentation; when given, ``config.reference`` is ``region`` (else it must not be).
     """
     cfg = (config or PipelineConfig()).resolved()
+    if reference_region is not None and cfg.reference not in ("auto", "region"):
+        raise QSMInputError(f"a reference region was given with reference {cfg.reference!r}")
+    if reference_region is None and cfg.reference == "region":
+        raise QSMInputError("reference 'region' needs the region (reference_region)")
+    if reference_region is not None:
+        cfg = replace(cfg, reference="region")
     with backend.precision(cfg.precision):
-        return _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg, progress)
+        return _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg, progress,
+                             reference_region)
 
 
 def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: PipelineConfig,
-                  progress) -> PipelineResult:
+                  progress, reference_region=None) -> PipelineResult:
     """``run_pipeline`` inside its precision context; ``cfg`` is already resolved."""
     magnitude = np.asarray(magnitude, dtype=np.float32)
     phase = np.asarray(phase, dtype=np.float32)
@@ -207,10 +237,32 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
         "inversion", cfg.inversion, INVERSION.get(cfg.inversion).func, local, local_mask,
         voxel_size, b0_dir, magnitude=mag_dev, **cfg.inversion_params)
     timer.records[-1]["info"] = inv_info
+    local_mask = backend.to_numpy(local_mask).astype(bool)
+    chi = backend.to_numpy(chi)
+    region, ref_info = apply_reference(chi, local_mask, voxel_size, cfg.reference, magnitude, te,
+                                     reference_region)
+    chi = ref_info.pop("chi")
     return PipelineResult(
         mask=mask, field_total=field_total, field_local=backend.to_numpy(local),
-        local_mask=backend.to_numpy(local_mask).astype(bool), chi=backend.to_numpy(chi),
-        config=cfg, stages=timer.records)
+        local_mask=local_mask, chi=chi, config=cfg, stages=timer.records,
+        reference_region=region, reference=ref_info)
+
+
+def apply_reference(chi, mask, voxel_size, how="auto", magnitude=None, te=None, region=None):
+    """chi relative to its reference region (``qsmkit.reference.find_reference``, inside
+    ``mask``, where chi is defined): returns (region or None, record with ``offset_ppm``,
+    ``seconds`` and the referenced ``chi``, 0 outside ``mask``)."""
+    from .inversion import reference_chi as subtract_mean
+
+    t0 = time.perf_counter()
+    te = None if te is None else list(np.atleast_1d(te))
+    region, info = find_reference(how, mask, voxel_size, magnitude=magnitude, te=te,
+                                  region=region)
+    if region is not None:
+        chi, offset = subtract_mean(chi, mask, region)
+        info["offset_ppm"] = round(offset, 6)
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return region, {**info, "chi": chi}
 
 
 def sidecar(config: PipelineConfig | None = None, stages=None, inputs=None, extra=None) -> dict:

@@ -34,11 +34,13 @@ class Parameter:
     meaning: str
 
 
-#: what a stage passes to every method itself (not user parameters)
+#: keywords a stage or command passes to a method itself (images, geometry, echo times, field
+#: strength, callbacks, output switches): not user parameters. One set, one meaning: they are
+#: neither listed by ``qsmkit methods`` / ``--list-params`` nor accepted by any ``--*-param``.
 DATA_ARGUMENTS = frozenset({
     "field", "mask", "voxel_size", "b0_dir", "magnitude", "weights", "noise_weights", "phase",
-    "channels", "body", "body_phase", "te", "return_sensitivities", "return_info", "phase2",
-    "noise_sd_ppm"})
+    "phase2", "channels", "body", "body_phase", "te", "b0", "unwrap", "return_sensitivities",
+    "return_info"})
 
 
 def method_parameters(func) -> list[Parameter]:
@@ -104,11 +106,6 @@ def _mentioned(doc: str, name: str) -> str:
     return ""
 
 
-#: keywords the pipeline passes itself (images, geometry, callbacks): never a --*-param
-RESERVED_PARAMS = frozenset({
-    "magnitude", "phase", "mask", "field", "voxel_size", "b0_dir", "weights", "noise_weights",
-    "body", "body_phase", "channels", "phase2", "unwrap", "b0", "return_info",
-    "return_sensitivities"})
 #: the type of parameters whose default is None, by name (``number`` or ``numbers``)
 NONE_DEFAULT_TYPES = {
     "threshold": "number", "radii_mm": "numbers", "noise_sigma": "number",
@@ -180,10 +177,10 @@ def validate_params(func, params: dict, option: str, what: str) -> dict:
     open_kwargs = any(p.kind == p.VAR_KEYWORD and not p.name.startswith("_")
                       for p in sig.parameters.values())
     settable = sorted(n for n, p in accepted.items()
-                      if n not in RESERVED_PARAMS and p.default is not inspect.Parameter.empty)
+                      if n not in DATA_ARGUMENTS and p.default is not inspect.Parameter.empty)
     out = {}
     for key, value in (params or {}).items():
-        if key in RESERVED_PARAMS or (key in accepted and
+        if key in DATA_ARGUMENTS or (key in accepted and
                                       accepted[key].default is inspect.Parameter.empty):
             raise QSMInputError(f"{option} {key}: set by qsmkit itself, not a parameter of {what}")
         if key not in accepted and not open_kwargs:

@@ -307,7 +307,7 @@ def _empty_stats():
 
 
 def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_mm=0.0,
-              empty_labels=()):
+              empty_labels=(), reference_region=None):
     """One row (dict, keys ``COLUMNS``) per region.
 
     Parameters
@@ -324,7 +324,11 @@ def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_m
         0 voxels and NaN statistics.
     empty_labels : labels of a label map to list with 0 voxels and NaN statistics although
         absent from ``labels`` (regions that lie wholly outside the chi map's mask).
+    reference_region : instead of a label, the reference as a region on chi's grid (bool), e.g.
+        the automatic CSF mask of ``qsmkit.reference`` (not eroded again).
     """
+    if reference_region is not None and reference not in (None, ""):
+        raise QSMInputError("give a reference label or a reference region, not both")
     chi = np.asarray(chi, dtype=np.float64)
     voxel_volume = float(np.prod(voxel_size))
     if isinstance(labels, list):
@@ -352,6 +356,11 @@ def roi_table(chi, labels, voxel_size, label_names=None, reference=None, erode_m
             raise QSMInputError(f"reference region {ref_id} has no voxels left after eroding "
                                 f"{erode_mm} mm")
         ref_mean = per_label[ref_id]["mean"]
+    if reference_region is not None:
+        region = np.asarray(reference_region).astype(bool)
+        if region.shape != chi.shape[:3] or not region.any():
+            raise QSMInputError("the reference region is empty or not on the chi map's grid")
+        ref_mean = float(chi[region].mean())
     rows = []
     for lab, st in per_label.items():
         if st is None:

@@ -33,6 +33,7 @@ VARIANTS = {
     "focuss-noprior": ("focuss", {"prior": "none"}),
     "tv": ("tv", {}),
     "tv-noprior": ("tv", {"magnitude_weights": False, "edge_fraction": 0.0}),
+    "tv-edge-half": ("tv", {"edge_weight": 0.5}),
     "l2": ("l2", {}),
     "tkd": ("tkd", {}),
 }
@@ -85,6 +86,16 @@ def main(argv=None):
             rows += new
             print(f"  {new[0]['method']:<18} NRMSE {new[0]['nrmse']:6.1f} %  XSIM {new[0]['xsim']:.3f}  "
                   f"ROI slope {new[0].get('roi_slope', float('nan')):.2f}  {sec:.1f} s", flush=True)
+        if len(case.truths) > 1:  # how far the references are from each other (2016: COSMOS vs chi_33)
+            first, *others = list(case.truths)
+            for other in others:
+                r = {"case": case.name, "role": case.role, "truth": first, "method": f"reference {other}",
+                     "source": "reference", "seconds": None,
+                     **score.score(case.truths[other], case, first)}
+                rows.append(r)
+                print(f"  {r['method']:<18} NRMSE {r['nrmse']:6.1f} %  ROI slope "
+                      f"{r.get('roi_slope', 0):.2f}  MAE {r.get('roi_mae_ppb', 0):.1f} ppb (against {first})",
+                      flush=True)
         if not why:
             for m in a.peers:
                 chi, info = peers.dipole_cached(case, m)
