@@ -53,6 +53,12 @@ def run_form(form, apodize=0.0, fence=0.0):
     return out
 
 
+def window(chi, mask, half=0.12):
+    """Grey window +-``half`` ppm around the median in the mask (chi is relative to CSF)."""
+    mid = float(np.median(chi[mask]))
+    return mid - half, mid + half
+
+
 def figure(r, plain, path):
     import matplotlib
 
@@ -64,8 +70,9 @@ def figure(r, plain, path):
     rows = [("magnitude + mask", r["magnitude"], "gray", 0, float(np.percentile(r["magnitude"], 99.5)), m),
             ("total field (ppm)", np.where(m, r["field_total"], np.nan), "RdBu_r", -1.0, 1.0, None),
             ("local field (ppm)", np.where(lm, r["field_local"], np.nan), "RdBu_r", -0.04, 0.04, None),
-            ("chi (ppm)", np.where(lm, r["chi"], np.nan), "gray", -0.12, 0.12, None),
-            ("chi, defaults (ppm)", np.where(plain["mask"], plain["chi"], np.nan), "gray", -0.12, 0.12, None)]
+            ("chi (ppm)", np.where(lm, r["chi"], np.nan), "gray", *window(r["chi"], lm), None),
+            ("chi, defaults (ppm)", np.where(plain["mask"], plain["chi"], np.nan), "gray",
+             *window(plain["chi"], plain["mask"]), None)]
     fig, axes = plt.subplots(len(rows), 3, figsize=(9.5, 13))
     for ax_row, (title, vol, cmap, lo, hi, outline) in zip(axes, rows):
         im = qc.plot_planes(ax_row, vol, vox, centre, cmap=cmap, vmin=lo, vmax=hi, outline=outline,
