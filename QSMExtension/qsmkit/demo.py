@@ -39,7 +39,14 @@ def stage_metrics(ph, res, chi_from_true_field, te):
     method, seconds = times["inversion"]
     s = metrics.summary(res.chi, truth_chi, local, labels=ph.labels * local,
                         vessel_mask=ph.vessel_mask & local)
+    # the error of a local field concentrates at the mask's edge, where background removal is
+    # least certain: the same NRMSE two voxels in from that edge separates the two
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(local, iterations=2)
     rows += [("inversion", method, seconds, "NRMSE chi %", s["nrmse"]),
+             ("inversion", method, seconds, "NRMSE chi % (2 voxels in from the edge)",
+              metrics.nrmse(res.chi, truth_chi, inner)),
              ("inversion", method, seconds, "HFEN chi %", s["hfen"]),
              ("inversion", method, seconds, "SSIM chi", s["ssim"]),
              ("inversion", method, seconds, "vessel contrast recovered / true",
