@@ -306,17 +306,23 @@ def reference_option(args, like: io.Volume):
     if not os.path.exists(ref):
         raise QSMInputError(f"--reference {ref}: neither auto, mask, none nor an existing mask or "
                             "label image file")
-    from .stats import label_map
-
-    rvol = io.load_volume(ref, what="reference region", allow_complex=False)
-    io.check_same_grid(like, rvol, "phase", "reference region")
-    labels = label_map(rvol.data, ref)
-    region = labels == args.reference_label if args.reference_label is not None else labels > 0
+    region = region_from_file(ref, args.reference_label, like, "phase")
     if not region.any():
         raise QSMInputError("reference region has no voxels"
                             + (f" with label {args.reference_label}" if args.reference_label
                                is not None else ""), ref)
     return "region", region
+
+
+def region_from_file(path, label, like: io.Volume, like_name):
+    """The region of a mask or label image (``--reference``) on ``like``'s grid: voxels with
+    ``label`` (``--reference-label``), else every label > 0."""
+    from .stats import label_map
+
+    rvol = io.load_volume(path, what="reference region", allow_complex=False)
+    io.check_same_grid(like, rvol, like_name, "reference region")
+    labels = label_map(rvol.data, path)
+    return labels == label if label is not None else labels > 0
 
 
 def _phase_record(pha):
@@ -608,12 +614,7 @@ def cmd_invert(args):
     mag = load_magnitude_like(args.magnitude, vol, mask) if args.magnitude else None
     region = None
     if args.reference and args.reference != "mask":
-        from .stats import label_map
-
-        rvol = io.load_volume(args.reference, what="reference region", allow_complex=False)
-        io.check_same_grid(vol, rvol, "field", "reference region")
-        labels = label_map(rvol.data, args.reference)
-        region = labels == args.reference_label if args.reference_label is not None else labels > 0
+        region = region_from_file(args.reference, args.reference_label, vol, "field")
         if not (region & mask).any():
             raise QSMInputError("reference region has no voxels inside the mask", args.reference)
     check_outputs([args.out], [args.field, args.mask, args.magnitude,
@@ -754,12 +755,7 @@ def _stats_reference_region(args, chi: io.Volume, ref_file):
         inside, source = np.asarray(chi.data) != 0, "chi != 0"
     how = (args.reference or "auto").lower()
     if ref_file:
-        rvol = io.load_volume(ref_file, what="reference region", allow_complex=False)
-        io.check_same_grid(chi, rvol, "chi map", "reference region")
-        from .stats import label_map
-
-        labels = label_map(rvol.data, ref_file)
-        given = labels == args.reference_label if args.reference_label is not None else labels > 0
+        given = region_from_file(ref_file, args.reference_label, chi, "chi map")
         try:
             region, info = reference.find_reference("region", inside, chi.voxel_size, region=given)
         except QSMInputError as err:
