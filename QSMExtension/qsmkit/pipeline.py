@@ -239,9 +239,8 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
     timer.records[-1]["info"] = inv_info
     local_mask = backend.to_numpy(local_mask).astype(bool)
     chi = backend.to_numpy(chi)
-    region, ref_info = apply_reference(chi, local_mask, voxel_size, cfg.reference, magnitude, te,
-                                     reference_region)
-    chi = ref_info.pop("chi")
+    chi, region, ref_info = apply_reference(chi, local_mask, voxel_size, cfg.reference, magnitude,
+                                            te, reference_region)
     return PipelineResult(
         mask=mask, field_total=field_total, field_local=backend.to_numpy(local),
         local_mask=local_mask, chi=chi, config=cfg, stages=timer.records,
@@ -250,8 +249,8 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
 
 def apply_reference(chi, mask, voxel_size, how="auto", magnitude=None, te=None, region=None):
     """chi relative to its reference region (``qsmkit.reference.find_reference``, inside
-    ``mask``, where chi is defined): returns (region or None, record with ``offset_ppm``,
-    ``seconds`` and the referenced ``chi``, 0 outside ``mask``)."""
+    ``mask``, where chi is defined): returns (the referenced chi, 0 outside ``mask``; the region
+    or None; its record with ``offset_ppm`` and ``seconds``)."""
     from .inversion import reference_chi as subtract_mean
 
     t0 = time.perf_counter()
@@ -262,7 +261,7 @@ def apply_reference(chi, mask, voxel_size, how="auto", magnitude=None, te=None, 
         chi, offset = subtract_mean(chi, mask, region)
         info["offset_ppm"] = round(offset, 6)
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    return region, {**info, "chi": chi}
+    return chi, region, info
 
 
 def sidecar(config: PipelineConfig | None = None, stages=None, inputs=None, extra=None) -> dict:
