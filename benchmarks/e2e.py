@@ -50,15 +50,14 @@ PEER_INV = ("tv", "rts")
 
 
 class ScoreCase:
-    """What ``benchmarks.eval.score.score`` reads from a case. The truth is taken relative to its
-    mean in the brain mask: the case's chi is relative to air (about -9.2 ppm in the brain), and
-    XSIM, unlike NRMSE, scores an offset (it came out 0.000 for every map when the scorer did not
-    remove the means; ``score.score`` now does so too)."""
+    """What ``benchmarks.eval.score.score`` reads from a case. The case's chi is relative to air
+    (about -9.2 ppm in the brain); ``score.score`` takes both maps relative to their mean in the
+    mask, which XSIM, unlike NRMSE, needs (it came out 0.000 for every map before it did)."""
 
     def __init__(self, c: e2e_cases.E2ECase):
         self.name = c.name
         self.mask = c.mask
-        self.truths = {"chi": np.where(c.mask, c.chi - c.chi[c.mask].mean(), 0).astype(np.float32)}
+        self.truths = {"chi": c.chi}
         self.labels = c.labels
         self.rois = dict(e2e_cases.DGM)
         self.reference = e2e_cases.CSF
