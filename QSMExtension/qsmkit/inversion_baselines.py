@@ -1,4 +1,4 @@
-"""Baseline dipole inversions that FOCUSS-QSM is compared with: LSQR and TV-ADMM.
+"""LSQR and TV-ADMM dipole inversions; ``tv`` is the default inversion (``qsmkit.inversion``).
 
 Both solve for chi (ppm) from the tissue field delta (ppm) with the forward model
 A chi = F^-1 D F chi (``qsmkit.dipole``), the data term restricted to the mask M and
