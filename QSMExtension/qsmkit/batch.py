@@ -179,7 +179,8 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
     does not stop a cohort."""
     from . import io, report, stats
     from .echoes import combine_magnitude
-    from .pipeline import PipelineConfig, run_pipeline, sidecar
+    from .pipeline import PipelineConfig, sidecar
+    from .ras_order import run_pipeline_in_ras_order
     t0 = time.perf_counter()
     try:
         if not subject.magnitude or not subject.phase:
@@ -188,9 +189,8 @@ def process_subject(subject: Subject, out_root, config: dict, reference=None) ->
                                 (subject.phase or subject.magnitude)[0])
         mag, pha, te, b0 = io.load_gre(subject.magnitude, subject.phase)
         cfg = PipelineConfig(**config).resolved()
-        res = run_pipeline(mag.data, io.phase_in_rad(pha, subject.phase[0]), te, b0,
-                           pha.voxel_size, pha.b0_dir(),
-                           config=cfg)
+        res = run_pipeline_in_ras_order(mag.data, io.phase_in_rad(pha, subject.phase[0]), te, b0,
+                                        pha.affine, config=cfg)[0]
         paths = output_paths(out_root, subject)
         meta = sidecar(cfg, res.stages, inputs={"magnitude": subject.magnitude,
                                                 "phase": subject.phase, "te": te, "b0": b0},

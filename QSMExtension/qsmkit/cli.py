@@ -19,15 +19,16 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import __version__, backend, geometry, io, kspace, qc, reference, report, units
+from . import __version__, backend, geometry, io, qc, reference, report, units
 from . import fsl as _fsl  # registers FSL's bet and prelude as masking and unwrapping methods
 from .background import BACKGROUND
 from .echoes import combine_magnitude
 from .errors import QSMInputError, QSMWarning
 from .inversion import INVERSION
 from .masking import MASKING
-from .pipeline import STAGES, PipelineConfig, accepts, peak_memory_mb, run_pipeline, sidecar
+from .pipeline import STAGES, PipelineConfig, accepts, peak_memory_mb, sidecar
 from .progress import Progress, iterate
+from .ras_order import run_pipeline_in_ras_order
 from .reference import CHOICES as REFERENCE_CHOICES
 from .registry import validate_params
 from .simulation_files import write_simulation
@@ -241,34 +242,26 @@ def cmd_run(args):
     warn_if_not_magnitude(mag.data, (args.magnitude or args.dicom)[0])
     mask = load_mask(args.mask, pha) if args.mask else None
     how, region = reference_option(args, pha)  # checked on the file's grid
-    # the stages run in the voxel order closest to RAS whatever the file's, outputs go back
-    order = geometry.CanonicalOrder(pha.affine, pha.data.shape)
-    file_affine = pha.affine
-    mag = io.Volume(order.forward(mag.data), order.canonical_affine, mag.path, mag.meta)
-    pha = io.Volume(order.forward(pha.data), order.canonical_affine, pha.path, pha.meta)
-    mask = order.forward(mask)
-    region = order.forward(region)
-    if getattr(args, "apodize", 0):  # the phase only: masking and priors keep the sharp magnitude
-        pha.data = kspace.apodize(mag.data, pha.data, args.apodize)[1]
     cfg = replace(_config(args), reference=how).resolved()
     names = ("mask", "field_total", "field_local", "local_mask", "chi", "reference")
     outs = {n: os.path.join(args.out, f"{n}.nii.gz") for n in names}
     check_outputs([*outs.values(), os.path.join(args.out, "mask_qc.png")],
                   [*(args.magnitude or []), *(args.phase or []), args.mask, args.reference])
-    b0_dir = b0_dir_for(pha, args.b0_dir)
     progress = Progress(len(STAGES), args.quiet, "qsmkit run")
-    try:
-        res = run_pipeline(mag.data, pha.data, te, b0, pha.voxel_size, b0_dir,
-                           mask=mask, config=cfg, progress=progress, reference_region=region)
+    try:  # the stages run in the voxel order closest to RAS whatever the file's
+        res, order = run_pipeline_in_ras_order(
+            mag.data, pha.data, te, b0, pha.affine, b0_world=args.b0_dir, mask=mask, config=cfg,
+            progress=progress, reference_region=region, apodize=getattr(args, "apodize", 0))
     finally:
         progress.close()
+    b0_dir = geometry.b0_direction(order.canonical_affine, args.b0_dir)
     ref_info = {**res.reference, **({"file": args.reference} if region is not None else {})}
     if res.reference_region is None:
         del outs["reference"]
     meta = sidecar(cfg, res.stages, inputs={"magnitude": args.magnitude, "phase": args.phase,
                                             "dicom": args.dicom, "mask": args.mask, "te": te,
                                             "b0": b0, "b0_dir_voxel": list(map(float, b0_dir)),
-                                            "voxel_order": {"file": "".join(geometry.axcodes(file_affine)),
+                                            "voxel_order": {"file": "".join(geometry.axcodes(pha.affine)),
                                                             "processed": "RAS"},
                                             "apodize": getattr(args, "apodize", 0.0),
                                             **_phase_record(pha)},
@@ -280,11 +273,12 @@ def cmd_run(args):
         print("qsmkit: note: matplotlib is not installed: no mask_qc.png", file=sys.stderr)
     with io.OutputSet() as outset:  # all five (and sidecars, and the QC figure) move in together
         for n, path in outs.items():
-            data = order.back(res.reference_region if n == "reference" else getattr(res, n))
-            io.save_volume(outset.path(path), data, file_affine, sidecar=meta,
+            data = res.reference_region if n == "reference" else getattr(res, n)
+            io.save_volume(outset.path(path), data, pha.affine, sidecar=meta,
                            dtype=np.uint8 if data.dtype == bool else np.float32)
         if qc_png:
-            qc.write_mask_qc(outset.path(qc_png), mag.data, res.mask, pha.affine)
+            qc.write_mask_qc(outset.path(qc_png), order.forward(mag.data),
+                             order.forward(res.mask), order.canonical_affine)
     if not args.quiet:
         print_stage_times(res.stages)
     note = reference.fallback_note(ref_info)

@@ -488,12 +488,12 @@ def segment_statistics(chi_node, segmentation_node, reference=None, erode_mm: fl
 
 def run_pipeline_on_nodes(magnitude, phase, te, b0, mask=None, config=None, b0_world=None,
                           progress=None):
-    """:func:`qsmkit.pipeline.run_pipeline` on volume nodes, in this process (the Slicer
+    """:func:`qsmkit.ras_order.run_pipeline_in_ras_order` on volume nodes, in this process (the Slicer
     modules run the same computation as ``qsmkit run`` in a background process). ``magnitude``
     and ``phase``: a volume node, a sequence node or a list of nodes (one per echo); ``mask``:
     an optional volume node. Returns (PipelineResult, VolumeArrays of the phase)."""
     from . import units
-    from .pipeline import run_pipeline
+    from .ras_order import run_pipeline_in_ras_order
 
     mag = volume_arrays(magnitude)
     pha = volume_arrays(phase)
@@ -506,7 +506,7 @@ def run_pipeline_on_nodes(magnitude, phase, te, b0, mask=None, config=None, b0_w
             raise QSMInputError("the mask is not on the phase's voxel grid")
         mask_data = m.data > 0
     te_list = [float(t) for t in np.atleast_1d(te)]
-    result = run_pipeline(mag.data, units.rescale_phase(pha.data), te_list, float(b0),
-                          pha.voxel_size, pha.b0_dir(b0_world), mask=mask_data, config=config,
-                          progress=progress)
+    result = run_pipeline_in_ras_order(mag.data, units.rescale_phase(pha.data), te_list, float(b0),
+                                       pha.affine, b0_world=b0_world, mask=mask_data,
+                                       config=config, progress=progress)[0]
     return result, pha
