@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from qsmkit import batch, cli, geometry, io, stats, units
+from qsmkit import batch, cli, geometry, io, pipeline, stats, units
 from qsmkit.cli import main
 from qsmkit.errors import QSMInputError, QSMWarning
 
@@ -278,7 +278,7 @@ def test_run_interrupted_while_writing_leaves_old_set(sim, tmp_path, capsys, mon
                                                       sig, code):
     out = tmp_path / "recon"
     before = _old_set(out, ["mask.nii.gz", "chi.nii.gz", "chi.json"])
-    monkeypatch.setattr(cli, "run_pipeline", _fake_pipeline)
+    monkeypatch.setattr(pipeline, "run_pipeline", _fake_pipeline)  # what qsmkit run calls
     real_save, count = io.save_volume, []
 
     def save(path, *a, **k):
