@@ -145,3 +145,23 @@ def test_surface_mask_of_the_real_head():
     for name, v in volumes.items():
         assert 1.0 <= v <= 1.7, name  # measured 1.486, 1.453, 1.483
     assert litres(masking.mask_surface(mag, vox, core_mm=0)) > 1.9  # measured 2.35
+
+
+def test_ball_morphology_equals_scipy():
+    """``open_ball`` and ``dilate_ball`` (distance transforms, used by ``brain_core``) give the
+    voxels of scipy's ``binary_opening`` / ``binary_dilation`` with ``ellipsoid_structure``,
+    on isotropic and anisotropic grids, with the mask touching the volume's border and with an
+    opening that removes everything."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for vox, r in (((1, 1, 1), 3.0), ((0.9375, 0.9375, 2.5), 7.5), ((1.28,) * 3, 4.5),
+                   ((0.7, 1.1, 1.9), 2.0)):
+        m = ndimage.gaussian_filter(rng.random((40, 36, 30)), 2) > 0.5
+        m[0, 5:20, 5:20] = True
+        st = masking.ellipsoid_structure(r, vox)
+        np.testing.assert_array_equal(masking.open_ball(m, vox, r),
+                                      ndimage.binary_opening(m, structure=st))
+        np.testing.assert_array_equal(masking.dilate_ball(m, vox, r),
+                                      ndimage.binary_dilation(m, structure=st))
+    assert not masking.dilate_ball(np.zeros((5, 5, 5), bool), (1, 1, 1), 2).any()

@@ -4,8 +4,8 @@
 automated brain extraction", Hum Brain Mapp 17:143, 2002), restricted to radial motion (the
 surface stays star-shaped around its centre, so it cannot fold and converts to a mask by a
 table lookup). A tessellated sphere (2562 vertices) starts inside the brain at the intensity
-centre of gravity with half the radius of the head's equivalent sphere and moves, for 1000
-iterations, by BET's three terms (section 2.4 of the paper):
+centre of gravity with half the radius of the head's equivalent sphere and moves, for up to 1000
+iterations (fewer once it has converged), by BET's three terms (section 2.4 of the paper):
 
 - ``u1 = 0.5 s_t``: the tangential part of ``s``, the vector from the vertex to the mean of its
   neighbours (keeps vertices evenly spaced);
@@ -63,6 +63,30 @@ def erode_mm(mask, voxel_size, radius_mm):
         return mask.astype(bool)
     st = ellipsoid_structure(radius_mm, voxel_size)
     return ndimage.binary_erosion(mask, structure=st, border_value=0)
+
+
+def _ball_distance(mask, voxel_size):
+    """Euclidean distance (mm) of every voxel to the nearest voxel outside ``mask``, with a
+    frame of outside voxels around the volume (as ``binary_erosion``'s ``border_value=0``)."""
+    pad = np.pad(np.asarray(mask, bool), 1)
+    return ndimage.distance_transform_edt(pad, sampling=voxel_size)[1:-1, 1:-1, 1:-1]
+
+
+def dilate_ball(mask, voxel_size, radius_mm):
+    """Dilation by the ball of :func:`ellipsoid_structure` through a distance transform: the
+    same voxels as ``binary_dilation`` with that structure, in a fraction of the time for
+    balls many voxels wide (each voxel is checked against its nearest mask voxel, not the
+    ball's thousands of offsets)."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():  # no voxel to measure distances to
+        return mask.copy()
+    return ndimage.distance_transform_edt(~mask, sampling=voxel_size) <= radius_mm + 1e-9
+
+
+def open_ball(mask, voxel_size, radius_mm):
+    """Opening (erosion, then dilation) by the ball of :func:`ellipsoid_structure`, through
+    distance transforms; the same voxels as ``binary_opening``."""
+    return dilate_ball(_ball_distance(mask, voxel_size) > radius_mm + 1e-9, voxel_size, radius_mm)
 
 
 def largest_component(mask):
@@ -195,9 +219,10 @@ def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, pa
     """BET's surface update (module docstring), radial part only; ``r`` (mm) is updated in place.
 
     ``img`` is the (X, Y, Z) intensity, sampled trilinearly (0 outside the volume);
-    ``params`` = (t2, t98, t, tm, bt, d1, d2, rmin, rmax, r_max_allowed).
+    ``params`` = (t2, t98, t, tm, bt, d1, d2, rmin, rmax, r_max_allowed, tol): the updates stop
+    early once no vertex moves by more than ``tol`` mm. Returns the number of updates made.
     """
-    t2, t98, t, tm, bt, d1, d2, rmin, rmax, r_cap = params
+    t2, t98, t, tm, bt, d1, d2, rmin, rmax, r_cap, tol = params
     nv = r.size
     e_mid = 0.5 * (1.0 / rmin + 1.0 / rmax)
     f_slope = 6.0 / (1.0 / rmin - 1.0 / rmax)
@@ -206,7 +231,10 @@ def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, pa
     pos = np.empty((nv, 3))
     nrm = np.empty((nv, 3))
     fn = np.empty((faces.shape[0], 3))
+    done = 0
     for _ in range(iters):
+        done += 1
+        moved = 0.0
         for k in range(nv):
             for a in range(3):
                 pos[k, a] = cog[a] + r[k] * dirs[k, a]
@@ -282,8 +310,12 @@ def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, pa
             ux = 0.5 * tx + f2 * sn * nrm[k, 0] + u3 * nrm[k, 0]
             uy = 0.5 * ty + f2 * sn * nrm[k, 1] + u3 * nrm[k, 1]
             uz = 0.5 * tz + f2 * sn * nrm[k, 2] + u3 * nrm[k, 2]
-            r[k] = min(max(r[k] + ux * dirs[k, 0] + uy * dirs[k, 1] + uz * dirs[k, 2], 1.0), r_cap)
-    return r
+            new = min(max(r[k] + ux * dirs[k, 0] + uy * dirs[k, 1] + uz * dirs[k, 2], 1.0), r_cap)
+            moved = max(moved, abs(new - r[k]))
+            r[k] = new
+        if moved < tol:
+            break
+    return done
 
 
 _EVOLVE = []
@@ -303,8 +335,13 @@ def _evolve_kernel():
     return _EVOLVE[0]
 
 
-def brain_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, level=4, smooth_mm=0.5):
-    """Fit the radial BET surface (module docstring) to a magnitude image.
+def brain_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, level=4, smooth_mm=0.5,
+                  converge=True):
+    """Fit the radial BET surface (module docstring) to a magnitude image: at most
+    ``iterations`` updates, fewer when the surface has converged (no vertex moved by 1/1000 of
+    the smallest voxel in the last update; ``converge=False`` runs them all, as BET does). The
+    phantom converges in about 250 updates; on the head model vertices still creep by under
+    0.07 mm after 600-700 (Dice against the true mask the same to 1e-4).
 
     Returns ``(centre_mm, radii_mm, directions)``: the surface point of vertex k is
     ``centre + radii[k] * directions[k]``, in mm from the centre of voxel (0, 0, 0).
@@ -340,7 +377,9 @@ def brain_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, level=4, sm
     nb_ptr, nb_idx = _csr(e, nv)
     r = np.full(nv, 0.5 * r_eq)
     r_cap = float(np.linalg.norm(np.asarray(img.shape) * vox))
-    params = (t2, t98, t, tm, float(bt), 20.0, 10.0, 3.33, 10.0, r_cap)
+    # converged when no vertex moves by a thousandth of a voxel in an update
+    tol = 1e-3 * float(vox.min()) if converge else 0.0
+    params = (t2, t98, t, tm, float(bt), 20.0, 10.0, 3.33, 10.0, r_cap, tol)
     _evolve_kernel()(r, dirs, faces.astype(np.int64), vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox,
                      np.ascontiguousarray(img, dtype=np.float64), params, int(iterations))
     return cog, r, dirs
@@ -383,7 +422,7 @@ def mask_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, shell_mm=5.0
     magnitude : (X, Y, Z) or (X, Y, Z, E); echoes are combined by root-mean-square.
     voxel_size : 3 floats (mm).
     bt : fractional intensity threshold (BET's ``-f``): smaller gives a larger mask.
-    iterations : surface updates (BET uses 1000).
+    iterations : the most surface updates (BET makes 1000); fewer once the surface has converged.
     shell_mm : depth below the surface (along the ray from its centre) within which dark
         voxels are removed.
     opening_mm : radius of the opening that detaches what the threshold leaves attached.
@@ -429,12 +468,24 @@ def brain_core(mask, smooth, voxel_size, low_threshold, *, core_mm=7.5, regrow_m
     where the magnitude is above ``low_threshold`` (the head's Otsu threshold), which returns
     the darker cortex at the brain's edge, and holes are filled again."""
     vox = tuple(float(v) for v in voxel_size)
+    # every step stays inside the mask: work on its bounding box with a margin wider than the
+    # opening (the same result, the morphology on a fraction of the volume)
+    pad = [int(np.ceil(max(core_mm, regrow_mm) / v)) + 1 for v in vox]
+    idx = np.nonzero(mask)
+    box = tuple(slice(max(int(i.min()) - p, 0), int(i.max()) + p + 1) for i, p in zip(idx, pad))
+    out = np.zeros_like(mask, dtype=bool)
+    out[box] = _brain_core_box(mask[box], smooth[box], vox, low_threshold, core_mm, regrow_mm)
+    return out
+
+
+def _brain_core_box(mask, smooth, vox, low_threshold, core_mm, regrow_mm):
+    """:func:`brain_core` on a box around the mask."""
     inner = threshold_otsu(smooth[mask])
-    core = ndimage.binary_opening(mask & (smooth > inner), structure=ellipsoid_structure(core_mm, vox))
+    core = open_ball(mask & (smooth > inner), vox, core_mm)
     if not core.any():
         return mask
     core = ndimage.binary_fill_holes(largest_component(core))
-    grown = ndimage.binary_dilation(core, structure=ellipsoid_structure(regrow_mm, vox))
+    grown = dilate_ball(core, vox, regrow_mm)
     grown &= mask & ((smooth > low_threshold) | core)
     return ndimage.binary_fill_holes(largest_component(grown))
 
