@@ -11,16 +11,17 @@ global 2 pi multiple, in the true brain mask and in the ``surface`` mask the pip
 (which stays 2 mm from the skull; the phantom's sharp-edged skull makes the true phase alias in
 the outermost CSF layer, where no spatial unwrapper can be right).
 
-Measured (2 shared cores, ``python benchmarks/unwrap_mask.py``; numba cache warm):
+Measured (2 cores shared with other work, load 3-5, 2026-12-07; ``python benchmarks/unwrap_mask.py``;
+numba cache warm; the "x base" ratios carry across loads better than the seconds):
 
     method                       median s  first s  x base  peak MB  accuracy
-    mask: threshold (baseline)       0.42     0.43    1.00       66  Dice 1.0000
-    mask: surface                    1.15     1.45    2.74      113  Dice 0.9699
-    unwrap: quality (skimage, base)  0.84     0.92    1.00      104  right 98.857 % brain / 99.945 % surface
-    unwrap: romeo                    0.33     0.60    0.39      219  right 99.333 % / 99.995 %
-    unwrap: romeo + magnitude        0.39     0.41    0.46      219  right 99.333 % / 99.995 %
-    unwrap: romeo, whole FOV         1.97     1.92    2.33      342  right 99.343 % / 99.991 %
-    unwrap: laplacian                0.24     0.25    0.29      127  (not congruent)
+    mask: threshold (baseline)       0.86     0.77    1.00       66  Dice 1.0000
+    mask: surface                    3.32     3.66    3.86      144  Dice 0.9718
+    unwrap: quality (skimage, base)  1.69     1.53    1.00      104  right 98.857 % brain / 99.935 % surface
+    unwrap: romeo                    0.70     0.97    0.42      219  right 99.333 % / 99.992 %
+    unwrap: romeo + magnitude        1.05     0.85    0.62      219  right 99.333 % / 99.992 %
+    unwrap: romeo, whole FOV         4.13     4.86    2.44      342  right 99.343 % / 99.987 %
+    unwrap: laplacian                0.71     1.14    0.42      127  (not congruent)
 
 On a machine without numba's cache the first ``romeo`` call compiles for about 2 s and the first
 ``surface`` call for about 1 s; a new process then loads the cache in about 0.3 s.
