@@ -220,7 +220,8 @@ def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, pa
 
     ``img`` is the (X, Y, Z) intensity, sampled trilinearly (0 outside the volume);
     ``params`` = (t2, t98, t, tm, bt, d1, d2, rmin, rmax, r_max_allowed, tol): the updates stop
-    early once no vertex moves by more than ``tol`` mm. Returns the number of updates made.
+    early once, over the last 10, all but 1 % of the vertices moved by less than 10 ``tol`` mm
+    (``tol`` 0: never). Returns the number of updates made.
     """
     t2, t98, t, tm, bt, d1, d2, rmin, rmax, r_cap, tol = params
     nv = r.size
@@ -231,10 +232,11 @@ def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, pa
     pos = np.empty((nv, 3))
     nrm = np.empty((nv, 3))
     fn = np.empty((faces.shape[0], 3))
+    window = 10
+    snap = r.copy()
     done = 0
     for _ in range(iters):
         done += 1
-        moved = 0.0
         for k in range(nv):
             for a in range(3):
                 pos[k, a] = cog[a] + r[k] * dirs[k, a]
@@ -310,11 +312,15 @@ def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, pa
             ux = 0.5 * tx + f2 * sn * nrm[k, 0] + u3 * nrm[k, 0]
             uy = 0.5 * ty + f2 * sn * nrm[k, 1] + u3 * nrm[k, 1]
             uz = 0.5 * tz + f2 * sn * nrm[k, 2] + u3 * nrm[k, 2]
-            new = min(max(r[k] + ux * dirs[k, 0] + uy * dirs[k, 1] + uz * dirs[k, 2], 1.0), r_cap)
-            moved = max(moved, abs(new - r[k]))
-            r[k] = new
-        if moved < tol:
-            break
+            r[k] = min(max(r[k] + ux * dirs[k, 0] + uy * dirs[k, 1] + uz * dirs[k, 2], 1.0), r_cap)
+        if done % window == 0:
+            moving = 0
+            for k in range(nv):
+                if abs(r[k] - snap[k]) >= window * tol:
+                    moving += 1
+                snap[k] = r[k]
+            if moving <= nv // 100:
+                break
     return done
 
 
@@ -338,10 +344,13 @@ def _evolve_kernel():
 def brain_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, level=4, smooth_mm=0.5,
                   converge=True):
     """Fit the radial BET surface (module docstring) to a magnitude image: at most
-    ``iterations`` updates, fewer when the surface has converged (no vertex moved by 1/1000 of
-    the smallest voxel in the last update; ``converge=False`` runs them all, as BET does). The
-    phantom converges in about 250 updates; on the head model vertices still creep by under
-    0.07 mm after 600-700 (Dice against the true mask the same to 1e-4).
+    ``iterations`` updates, fewer once the surface has converged: over the last 10 updates, all
+    but 1 % of the vertices moved by less than 1/100 of the smallest voxel (``converge=False``
+    runs them all, as BET does). A few vertices on an intensity threshold wander by 0.3-0.8 mm
+    for ever (phantom at 1 mm: up to 9 of 2562); the rest of the surface is still by about 250
+    updates on the phantom and 600 on the head model. The masks are those of 1000 updates on
+    the phantom (both grids) and the real head; 60 and 37 voxels of 610 000-670 000 differ on
+    the head model at 3 / 7 T (Dice the same to 1e-4).
 
     Returns ``(centre_mm, radii_mm, directions)``: the surface point of vertex k is
     ``centre + radii[k] * directions[k]``, in mm from the centre of voxel (0, 0, 0).
@@ -377,7 +386,7 @@ def brain_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, level=4, sm
     nb_ptr, nb_idx = _csr(e, nv)
     r = np.full(nv, 0.5 * r_eq)
     r_cap = float(np.linalg.norm(np.asarray(img.shape) * vox))
-    # converged when no vertex moves by a thousandth of a voxel in an update
+    # converged: 99 % of the vertices moved under 1/100 voxel in the last 10 updates
     tol = 1e-3 * float(vox.min()) if converge else 0.0
     params = (t2, t98, t, tm, float(bt), 20.0, 10.0, 3.33, 10.0, r_cap, tol)
     _evolve_kernel()(r, dirs, faces.astype(np.int64), vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox,
