@@ -168,9 +168,9 @@ def test_console_script_beside_the_interpreter():
 def test_public_api_names():
     for name in qsmkit.__all__:
         assert getattr(qsmkit, name) is not None, name
-    assert {"run_pipeline", "Volume", "load_volume", "save_volume", "make_phantom", "nrmse",
-            "brain_mask", "unwrap_phase", "total_field", "remove_background", "invert_dipole",
-            "combine_coils", "roi_statistics"} <= set(qsmkit.__all__)
+    assert {"run_pipeline", "run_pipeline_in_ras_order", "Volume", "load_volume", "save_volume",
+            "make_phantom", "nrmse", "brain_mask", "unwrap_phase", "total_field",
+            "remove_background", "invert_dipole", "combine_coils", "roi_statistics"} <= set(qsmkit.__all__)
     with pytest.raises(AttributeError):
         qsmkit.not_a_name  # noqa: B018
 

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # the whole pipeline
     "run_pipeline": "pipeline", "PipelineConfig": "pipeline", "PipelineResult": "pipeline",
+    "run_pipeline_in_ras_order": "ras_order",
     # one function per stage
     "combine_coils": "api", "brain_mask": "api", "unwrap_phase": "api", "total_field": "api",
     "remove_background": "api", "invert_dipole": "api", "roi_statistics": "api",
