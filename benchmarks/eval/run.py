@@ -58,9 +58,8 @@ def rows_for(case, method, source, chi, seconds, info=None):
         r = {"case": case.name, "role": case.role, "truth": truth, "method": method, "source": source,
              "seconds": seconds, **score.score(chi, case, truth)}
         if info:
-            r["info"] = {k: info[k] for k in ("method", "alpha", "iterations", "noise_sd_ppm", "stopped_by", "mu1", "mu2",
-                                            "residuals")
-                         if k in info}
+            keys = ("method", "alpha", "iterations", "noise_sd_ppm", "stopped_by", "mu1", "mu2", "residuals")
+            r["info"] = {k: info[k] for k in keys if k in info}
         out.append(r)
     return out
 
