@@ -51,8 +51,8 @@ proportional to 1 / magnitude, so W = magnitude / its mean in the mask).
     (Boyd, Parikh, Chu, Peleato, Eckstein, Found Trends Mach Learn 3:1, 2011, sec. 3.4.1): every
     3 iterations, per block, mu is doubled when the block's primal residual exceeds twice its
     dual residual and halved in the reverse case, the scaled duals divided accordingly;
-    balancing stops at half of ``max_iter`` so that the penalties end fixed (Boyd's condition
-    for convergence). The residuals are normalised per block (Wohlberg, arXiv:1704.06209, 2017):
+    balancing stops after 10 changes so that the penalties end fixed (Boyd's condition for
+    convergence; the tuning cases change them 4-5 times in 60 iterations). The residuals are normalised per block (Wohlberg, arXiv:1704.06209, 2017):
     r1 = ||G chi - z|| / max(||G chi||, ||z||), d1 = ||G^T dz|| / ||G^T s1||, r2 = ||A chi - v|| /
     max(||A chi||, ||v||), d2 = ||A dv|| / ||A s2||. It stops when all four are below ``tol``
     (5e-3) or after ``max_iter`` (60) iterations. The start values are where balancing ends on
@@ -345,11 +345,12 @@ class _TVState:
 #: residual balancing (Boyd et al. 2011, sec. 3.4.1, eq. 3.13, on normalised residuals as in
 #: Wohlberg, arXiv:1704.06209, 2017): a penalty is multiplied (divided) by TV_BALANCE_STEP when
 #: its block's primal residual exceeds its dual residual (or the reverse) by TV_BALANCE_RATIO,
-#: checked every TV_CHECK_EVERY iterations and only in the first half of ``max_iter``, so that
-#: the penalties are eventually fixed (the condition for Boyd's convergence proof).
+#: checked every TV_CHECK_EVERY iterations, at most TV_MAX_CHANGES times, so that the penalties
+#: are eventually fixed (the condition for Boyd's convergence proof).
 TV_BALANCE_RATIO = 2.0
 TV_BALANCE_STEP = 2.0
 TV_CHECK_EVERY = 3
+TV_MAX_CHANGES = 10
 
 
 def _sum_grad_t(ys, vox, xp):
@@ -468,7 +469,7 @@ def _tv_admm(state, delta, w2, mg, D, e2, vox, alpha, tol, max_iter, xp, balance
         if tol > 0 and max(r1, d1, r2, d2) < tol:
             stop = "tol"
             break
-        if balance and it <= max_iter // 2:
+        if balance and changes < TV_MAX_CHANGES:
             mu1, mu2 = state.mu1, state.mu2
             if r1 > TV_BALANCE_RATIO * d1:
                 mu1 *= TV_BALANCE_STEP
