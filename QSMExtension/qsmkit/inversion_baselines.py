@@ -52,18 +52,20 @@ proportional to 1 / magnitude, so W = magnitude / its mean in the mask).
     3 iterations, per block, mu is doubled when the block's primal residual exceeds twice its
     dual residual and halved in the reverse case, the scaled duals divided accordingly;
     balancing stops after 10 changes so that the penalties end fixed (Boyd's condition for
-    convergence; the tuning cases change them 4-5 times in 60 iterations). The residuals are normalised per block (Wohlberg, arXiv:1704.06209, 2017):
+    convergence; the suite's cases change them 3-6 times in 60 iterations). The residuals are
+    normalised per block (Wohlberg, arXiv:1704.06209, 2017):
     r1 = ||G chi - z|| / max(||G chi||, ||z||), d1 = ||G^T dz|| / ||G^T s1||, r2 = ||A chi - v|| /
     max(||A chi||, ||v||), d2 = ||A dv|| / ||A s2||. It stops when all four are below ``tol``
-    (5e-3) or after ``max_iter`` (60) iterations. The start values are where balancing ends on
-    the tuning cases (our phantom mu1 30 alpha, mu2 1/16; the noisy 1 mm head 7.5-15 alpha, 1/16;
-    the 2016 challenge 15-30 alpha, 1/8-1/4). Why: with fixed penalties (mu1 = 30 alpha, mu2 =
-    1) the error of our phantom oscillated between 0.8 and 2.5 % over the iterations and the
-    former stop (relative change of chi < 1 %) caught it at 2.3 % after 19; balanced, it falls
-    steadily and the residual rule stops at 0.9 % (``benchmarks/eval``). ``max_iter`` is the
-    time budget (160^3 in about 15 s on 2 cores): on the heads and the 2016 challenge the rule
-    is not met by then (residuals 0.01-0.015); running on (tol met after 100-120 iterations)
-    changes their NRMSE by less than 0.6 points.
+    (5e-3) or after ``max_iter`` (60) iterations. The start values lie where balancing ends on
+    the tuning cases (our phantom mu1 30-60 alpha, mu2 1/16-1/8; the noisy 1 mm head 7.5-15
+    alpha, 1/16-1/8; the 2016 challenge 15-30 alpha, 1/8-1/4). Why: with fixed penalties (mu1 =
+    30 alpha, mu2 = 1) the error of our phantom oscillated between 0.8 and 2.5 % over the
+    iterations and the former stop (relative change of chi < 1 %) caught it at 2.3 % after 19;
+    balanced, it falls steadily and the residual rule stops at 0.8 % after 51
+    (``benchmarks/eval``). ``max_iter`` is the time budget (160^3 in about 15 s on 2 cores): on
+    the heads, the FANSI phantom and the 2016 challenge the rule is not met by then (largest
+    residual 0.006-0.018); the noisy head meets it after 100-120 iterations at 27.5 % (27.6 %
+    at 60).
     ``alpha="lcurve"`` picks alpha at the corner of the L-curve (log data residual vs log TV
     term; the point of largest Menger curvature) over a log-spaced grid, as ``l_curve_lambda``
     does for the L2 method; each grid point is a fixed number of ADMM iterations warm-started
