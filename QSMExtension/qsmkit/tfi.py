@@ -40,13 +40,13 @@ iterations (relaxation 1.7, Boyd et al. section 3.4.3) with rho = 0.05, on the b
 box grown by 8 mm instead of the whole field of view (after PDF, the harmonic part left to move
 is reproduced by sources in a thin shell around the brain, the argument of ``default_pdf_pad``),
 from a PDF start of a set length (``PDF_START_ITER``: PDF's own stop, where its change levels
-off, made two exports of one real scan differ by 21 %) that itself runs on the bounding box grown
-by PDF's 12 mm source margin rather than the whole field of view (``_pdf_start``). On the head model at 1.28 mm
-(``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 % (mask / eroded), ``tfi-fast``
-19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as ``tfi``), PDF 42.8 / 27.6 %;
-``tfi-fast`` took 2.05x PDF's time there and 1.44x on the 256x256x64 phantom (interleaved,
-median of 3) with PDF's own stop for its start, about 13 % more with the set start on the head
-model. On the end-to-end benchmark's full simulations
+off, made two exports of one real scan differ by 21 %) that itself runs on the bounding box
+grown by PDF's 12 mm source margin rather than the whole field of view (``_pdf_start``). On the
+head model at 1.28 mm (``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 %
+(mask / eroded), ``tfi-fast`` 19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as
+``tfi``), PDF 42.8 / 27.6 %. Its time against PDF's (``benchmarks/background_time.py``, CPU
+seconds): 0.7x on the 256x256x64 phantom, about 3.3x on a 1 mm head cropped to the brain, where
+PDF stops after 24 iterations. On the end-to-end benchmark's full simulations
 (``benchmarks/e2e.py``) it is within 1 point of ``tfi``'s chi NRMSE. Settings slower than 30
 iterations first pass through a transient (ADMM's error grows again between about 40 and 80
 iterations at rho = 0.05) before reaching ``tfi``'s figures; a coarse-grid TFI (2.56 mm) as a
