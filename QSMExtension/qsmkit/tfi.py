@@ -40,12 +40,13 @@ iterations (relaxation 1.7, Boyd et al. section 3.4.3) with rho = 0.05, on the b
 box grown by 8 mm instead of the whole field of view (after PDF, the harmonic part left to move
 is reproduced by sources in a thin shell around the brain, the argument of ``default_pdf_pad``),
 from a PDF start of a set length (``PDF_START_ITER``: PDF's own stop, where its change levels
-off, made two exports of one real scan differ by 21 %). On the head model at 1.28 mm
-(``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 % (mask / eroded), ``tfi-fast``
-19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as ``tfi``), PDF 42.8 / 27.6 %;
-``tfi-fast`` took 2.05x PDF's time there and 1.44x on the 256x256x64 phantom (interleaved,
-median of 3) with PDF's own stop for its start, about 13 % more with the set start on the head
-model. On the end-to-end benchmark's full simulations
+off, made two exports of one real scan differ by 21 %) that itself runs on the bounding box
+grown by PDF's 12 mm source margin rather than the whole field of view (``_pdf_start``). On the
+head model at 1.28 mm (``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 %
+(mask / eroded), ``tfi-fast`` 19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as
+``tfi``), PDF 42.8 / 27.6 %. Its time against PDF's (``benchmarks/background_time.py``, CPU
+seconds): 0.7x on the 256x256x64 phantom, about 3.3x on a 1 mm head cropped to the brain, where
+PDF stops after 24 iterations. On the end-to-end benchmark's full simulations
 (``benchmarks/e2e.py``) it is within 1 point of ``tfi``'s chi NRMSE. Settings slower than 30
 iterations first pass through a transient (ADMM's error grows again between about 40 and 80
 iterations at rho = 0.05) before reaching ``tfi``'s figures; a coarse-grid TFI (2.56 mm) as a
@@ -172,6 +173,7 @@ def _admm(f, m, w, edges, voxel_size, b0_dir, big, lam, rho, relax, n_iter):
     u_den = (1 / (w2 + F(rho))).astype(F)
     pen = xp.stack([xp.roll(m_big, -1, axis=a) & m_big for a in range(3)])
     pen &= (pad_to(edges, big) > 0)[None]
+    pen = pen.astype(F)  # 1 where the TV prior applies, as a factor (cheaper than where)
     thr = F(lam / 2 / rho_g)
     a_rel, b_rel = F(relax), F(1 - relax)
     u = xp.zeros(big, F)
@@ -179,32 +181,52 @@ def _admm(f, m, w, edges, voxel_size, b0_dir, big, lam, rho, relax, n_iter):
     g = xp.zeros((3,) + tuple(big), F)
     nu = xp.zeros_like(g)
     gc = xp.zeros_like(g)
+    q = xp.zeros_like(g)
+    buf = xp.empty(big, F)
+    n2 = xp.empty(big, F)
+    # The loop works in place on preallocated buffers: on the CPU its element-wise work, not
+    # its 4 FFTs, took most of an iteration's time.
     for _ in range(int(n_iter)):
         # chi step: (rho D^2 + rho_g L) chi = rho D (u + eta) + rho_g grad^T (g + nu)
-        rk = backend.rfftn(u + eta)
+        xp.add(u, eta, out=buf)
+        rk = backend.rfftn(buf)
         rk *= F(rho) * d
-        rk += F(rho_g) * backend.rfftn(forward_diff_adj(g + nu))
+        xp.add(g, nu, out=q)
+        rk += F(rho_g) * backend.rfftn(forward_diff_adj(q))
         rk *= inv
         chi = backend.irfftn(rk, s=big)
         rk *= d
         dchi = backend.irfftn(rk, s=big)
         if relax != 1:  # over-relaxation: use relax D chi + (1 - relax) u in the u and eta steps
             dchi *= a_rel
-            dchi += b_rel * u
+            xp.multiply(u, b_rel, out=buf)
+            dchi += buf
         # u step: the data term is pointwise (W is zero outside the mask)
-        u = (w2f + F(rho) * (dchi - eta)) * u_den
+        xp.subtract(dchi, eta, out=u)
+        u *= F(rho)
+        u += w2f
+        u *= u_den
         eta += u
         eta -= dchi
         # g step: isotropic shrinkage where the prior applies, identity elsewhere
         forward_diff(chi, gc)
         if relax != 1:
             gc *= a_rel
-            gc += b_rel * g
-        q = gc - nu
-        norm2 = xp.where(pen, q * q, 0).sum(axis=0)
-        shrink = 1 - thr / xp.sqrt(xp.maximum(norm2, F(1e-24)))
-        xp.maximum(shrink, 0, out=shrink)
-        g = xp.where(pen, q * shrink, q)
+            xp.multiply(g, b_rel, out=q)
+            gc += q
+        xp.subtract(gc, nu, out=q)
+        xp.multiply(q, q, out=g)
+        g *= pen
+        xp.add(g[0], g[1], out=n2)
+        n2 += g[2]
+        xp.maximum(n2, F(1e-24), out=n2)
+        xp.sqrt(n2, out=n2)
+        xp.divide(F(-thr), n2, out=n2)  # shrink - 1 = -thr / |q|, at least -1
+        xp.maximum(n2, F(-1), out=n2)
+        for a in range(3):  # g_a = q_a (1 + pen_a (shrink - 1))
+            xp.multiply(pen[a], n2, out=buf)
+            buf += F(1)
+            xp.multiply(q[a], buf, out=g[a])
         nu += g
         nu -= gc
     x = chi * mf
@@ -230,6 +252,28 @@ PDF_START_ITER = 35
 PDF_START_STEEP = 0.15
 
 
+def _pdf_start(f, m, w, voxel_size, b0_dir, pad, on_box, **stop):
+    """PDF's local field, the start of the joint fit. ``on_box`` (``tfi-fast``): PDF runs on the
+    mask's bounding box grown by PDF's own source margin (``default_pdf_pad``: a shell of
+    sources that thick reproduces the exterior field as well as a thicker one), padded only where
+    that box meets the field of view, instead of on the whole field of view. On the 256 x 256 x
+    64 phantom that is half the voxels; heads cropped to the brain, as most acquisitions are,
+    lose nothing."""
+    if not on_box:
+        local, _, info = pdf(f, m, voxel_size, b0_dir, weights=w, pad=pad, **stop)
+        return local, info
+    box = brain_box(m, voxel_size, PDF_MARGIN_MM)
+    local = backend.get_array_module(f).zeros(f.shape, backend.FLOAT)
+    local[box], _, info = pdf(f[box], m[box], voxel_size, b0_dir,
+                              weights=None if w is None else w[box], **stop)
+    info["box"] = [[s.start, s.stop] for s in box]
+    return local, info
+
+
+#: PDF's default source margin around the mask (``default_pdf_pad``), mm
+PDF_MARGIN_MM = 12.0
+
+
 def _tfi(field, mask, voxel_size, b0_dir, weights, magnitude, lam, edge_fraction, rho,
          max_iter, pad, relax, box_mm, pdf_tol=0.05, pdf_iter=200, pdf_min_iter=0):
     t0 = time.perf_counter()
@@ -243,8 +287,8 @@ def _tfi(field, mask, voxel_size, b0_dir, weights, magnitude, lam, edge_fraction
         edges = edge_free_mask(_magnitude(magnitude, f, m, xp), m, edge_fraction)
 
     # PDF removes the bulk of the background; the joint fit starts from its local field
-    f, _, pdf_info = pdf(f, m, voxel_size, b0_dir, weights=w, pad=pad, tol=pdf_tol,
-                         max_iter=pdf_iter, min_iter=pdf_min_iter)
+    f, pdf_info = _pdf_start(f, m, w, voxel_size, b0_dir, pad, box_mm is not None and pad is None,
+                             tol=pdf_tol, max_iter=pdf_iter, min_iter=pdf_min_iter)
 
     box = (slice(None),) * 3 if box_mm is None else brain_box(m, voxel_size, box_mm)
     fb, mb, eb = f[box], m[box], edges[box]
