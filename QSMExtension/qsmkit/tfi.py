@@ -40,12 +40,13 @@ iterations (relaxation 1.7, Boyd et al. section 3.4.3) with rho = 0.05, on the b
 box grown by 8 mm instead of the whole field of view (after PDF, the harmonic part left to move
 is reproduced by sources in a thin shell around the brain, the argument of ``default_pdf_pad``),
 from a PDF start of a set length (``PDF_START_ITER``: PDF's own stop, where its change levels
-off, made two exports of one real scan differ by 21 %). On the head model at 1.28 mm
-(``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 % (mask / eroded), ``tfi-fast``
-19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as ``tfi``), PDF 42.8 / 27.6 %;
-``tfi-fast`` took 2.05x PDF's time there and 1.44x on the 256x256x64 phantom (interleaved,
-median of 3) with PDF's own stop for its start, about 13 % more with the set start on the head
-model. On the end-to-end benchmark's full simulations
+off, made two exports of one real scan differ by 21 %) that itself runs on the bounding box
+grown by PDF's 12 mm source margin rather than the whole field of view (``_pdf_start``). On the
+head model at 1.28 mm (``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 %
+(mask / eroded), ``tfi-fast`` 19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as
+``tfi``), PDF 42.8 / 27.6 %. Its time against PDF's (``benchmarks/background_time.py``, CPU
+seconds): 0.7x on the 256x256x64 phantom, about 3.3x on a 1 mm head cropped to the brain, where
+PDF stops after 24 iterations. On the end-to-end benchmark's full simulations
 (``benchmarks/e2e.py``) it is within 1 point of ``tfi``'s chi NRMSE. Settings slower than 30
 iterations first pass through a transient (ADMM's error grows again between about 40 and 80
 iterations at rho = 0.05) before reaching ``tfi``'s figures; a coarse-grid TFI (2.56 mm) as a
@@ -251,6 +252,28 @@ PDF_START_ITER = 35
 PDF_START_STEEP = 0.15
 
 
+def _pdf_start(f, m, w, voxel_size, b0_dir, pad, on_box, **stop):
+    """PDF's local field, the start of the joint fit. ``on_box`` (``tfi-fast``): PDF runs on the
+    mask's bounding box grown by PDF's own source margin (``default_pdf_pad``: a shell of
+    sources that thick reproduces the exterior field as well as a thicker one), padded only where
+    that box meets the field of view, instead of on the whole field of view. On the 256 x 256 x
+    64 phantom that is half the voxels; heads cropped to the brain, as most acquisitions are,
+    lose nothing."""
+    if not on_box:
+        local, _, info = pdf(f, m, voxel_size, b0_dir, weights=w, pad=pad, **stop)
+        return local, info
+    box = brain_box(m, voxel_size, PDF_MARGIN_MM)
+    local = backend.get_array_module(f).zeros(f.shape, backend.FLOAT)
+    local[box], _, info = pdf(f[box], m[box], voxel_size, b0_dir,
+                              weights=None if w is None else w[box], **stop)
+    info["box"] = [[s.start, s.stop] for s in box]
+    return local, info
+
+
+#: PDF's default source margin around the mask (``default_pdf_pad``), mm
+PDF_MARGIN_MM = 12.0
+
+
 def _tfi(field, mask, voxel_size, b0_dir, weights, magnitude, lam, edge_fraction, rho,
          max_iter, pad, relax, box_mm, pdf_tol=0.05, pdf_iter=200, pdf_min_iter=0):
     t0 = time.perf_counter()
@@ -264,8 +287,8 @@ def _tfi(field, mask, voxel_size, b0_dir, weights, magnitude, lam, edge_fraction
         edges = edge_free_mask(_magnitude(magnitude, f, m, xp), m, edge_fraction)
 
     # PDF removes the bulk of the background; the joint fit starts from its local field
-    f, _, pdf_info = pdf(f, m, voxel_size, b0_dir, weights=w, pad=pad, tol=pdf_tol,
-                         max_iter=pdf_iter, min_iter=pdf_min_iter)
+    f, pdf_info = _pdf_start(f, m, w, voxel_size, b0_dir, pad, box_mm is not None and pad is None,
+                             tol=pdf_tol, max_iter=pdf_iter, min_iter=pdf_min_iter)
 
     box = (slice(None),) * 3 if box_mm is None else brain_box(m, voxel_size, box_mm)
     fb, mb, eb = f[box], m[box], edges[box]

@@ -34,6 +34,8 @@ VARIANTS = {
     "tv": ("tv", {}),
     "tv-noprior": ("tv", {"magnitude_weights": False, "edge_fraction": 0.0}),
     "tv-edge-half": ("tv", {"edge_weight": 0.5}),
+    "tv-iter100": ("tv", {"max_iter": 100}),
+    "tv-nobalance": ("tv", {"balance": False}),
     "l2": ("l2", {}),
     "tkd": ("tkd", {}),
 }
@@ -56,8 +58,8 @@ def rows_for(case, method, source, chi, seconds, info=None):
         r = {"case": case.name, "role": case.role, "truth": truth, "method": method, "source": source,
              "seconds": seconds, **score.score(chi, case, truth)}
         if info:
-            r["info"] = {k: info[k] for k in ("method", "alpha", "iterations", "noise_sd_ppm", "stopped_by")
-                         if k in info}
+            keys = ("method", "alpha", "iterations", "noise_sd_ppm", "stopped_by", "mu1", "mu2", "residuals")
+            r["info"] = {k: info[k] for k in keys if k in info}
         out.append(r)
     return out
 
