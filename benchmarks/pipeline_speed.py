@@ -7,9 +7,10 @@ operating system's figure, ``ru_maxrss``, read after the pipeline runs and befor
 is the pipeline's own plus the simulated data it starts from (``setup_peak_mb``), and not left
 over from another case. Inside it, the pipeline runs ``repeats`` times: the table gives the
 median wall time per stage and in total, the peak memory per stage as numpy sees it
-(tracemalloc: array allocations, not FFT scratch space inside scipy or cuFFT) and the process
-peak. The baseline measured in the same process is one dipole forward model with numpy's own
-FFT on a blind 2x-padded grid, so the ratios stay comparable across machines.
+(tracemalloc: array allocations, not FFT scratch space inside scipy or cuFFT; traced in one more
+run that is not timed, since tracing slows every allocation) and the process peak. The baseline
+measured in the same process is one dipole forward model with numpy's own FFT on a blind
+2x-padded grid, so the ratios stay comparable across machines.
 
     python benchmarks/pipeline_speed.py [--repeats 5] [--sizes 256x256x64 224x224x160]
 """
@@ -56,23 +57,30 @@ def one_case(size: str, device: str, repeats: int) -> dict:
     config = PipelineConfig(device=device)
     stage_times, stage_peaks, totals = {}, {}, []
     res = None
-    for _ in range(repeats):
-        tracemalloc.start()
+    # the timed runs are not traced (tracemalloc slows every allocation); one more run, not
+    # timed, traces the peak numpy memory per stage
+    for i in range(repeats + 1):
+        traced = i == repeats
         peaks = {}
+        if traced:
+            tracemalloc.start()
 
-        def progress(stage, done, total, peaks=peaks):
+        def progress(stage, done, total, peaks=peaks, traced=traced):
             # called before and after each stage: the traced peak since the last call
-            peaks[stage] = max(peaks.get(stage, 0), tracemalloc.get_traced_memory()[1])
-            tracemalloc.reset_peak()
+            if traced:
+                peaks[stage] = max(peaks.get(stage, 0), tracemalloc.get_traced_memory()[1])
+                tracemalloc.reset_peak()
 
         t0 = time.perf_counter()
         res = run_pipeline(acq.magnitude, acq.phase, acq.te, acq.b0, ph.voxel_size, ph.b0_dir,
                            config=config, progress=progress)
+        if traced:
+            tracemalloc.stop()
+            stage_peaks = {rec["stage"]: peaks.get(rec["stage"], 0) for rec in res.stages}
+            continue
         totals.append(time.perf_counter() - t0)
-        tracemalloc.stop()
         for rec in res.stages:
             stage_times.setdefault(rec["stage"], []).append(rec["seconds"])
-            stage_peaks[rec["stage"]] = max(stage_peaks.get(rec["stage"], 0), peaks.get(rec["stage"], 0))
     pipeline_mb = peak_memory_mb()  # before the baseline, whose complex128 2x grid is larger
     t0 = time.perf_counter()
     numpy_forward_2x(ph.chi_brain, ph.voxel_size, ph.b0_dir)
