@@ -4,6 +4,8 @@ truth-substitution rows that show where accuracy is lost. ``make eval-e2e`` runs
 
     python -m benchmarks.e2e [--cases 3T-1mm-z ...] [--tfi-on CASE ...] [--peer-pdf-on CASE ...] [--quick]
 
+(the ``tfi`` rows and QSM.rs' PDF are opt-in per case: each takes many minutes on 2 cores)
+
 Per case (the true brain mask is given to every pipeline; masking is not measured here):
 
 - ``qsmkit default``: the default methods (what ``qsmkit run`` does with no method options),
@@ -300,11 +302,11 @@ def figure(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", default=list(e2e_cases.CASES), choices=list(e2e_cases.CASES))
-    p.add_argument("--tfi-on", nargs="*", default=["3T-aniso-tilt", "7T-aniso-tilt"],
-                   help="cases with a tfi (200 iterations) row (minutes per case; default the "
-                        "0.94x0.94x2.5 mm ones)")
-    p.add_argument("--peer-pdf-on", nargs="*", default=["3T-aniso-tilt", "7T-aniso-tilt"],
-                   help="cases with QSM.rs PDF rows (QSM.rs PDF takes minutes per case)")
+    p.add_argument("--tfi-on", nargs="*", default=[],
+                   help="cases with a tfi (200 iterations) row (opt-in: minutes per case)")
+    p.add_argument("--peer-pdf-on", nargs="*", default=[],
+                   help="cases with QSM.rs PDF rows (opt-in: QSM.rs PDF did not finish within "
+                        "15 minutes per case on 2 cores)")
     p.add_argument("--no-figure", action="store_true")
     p.add_argument("--quick", action="store_true",
                    help="only the default pipeline and the truth-substitution rows (no other "
