@@ -56,7 +56,11 @@ def check_inputs(field, mask, weights=None):
     return xp, f, m, w
 
 
-def default_pdf_pad(mask, voxel_size, margin_mm=12.0):
+#: PDF's margin of background sources around the mask, mm (``default_pdf_pad``)
+PDF_MARGIN_MM = 12.0
+
+
+def default_pdf_pad(mask, voxel_size, margin_mm=PDF_MARGIN_MM):
     """Padding (voxels per side, per axis) for PDF: enough that every mask voxel has
     ``margin_mm`` of grid beyond it before the field of view wraps around.
 

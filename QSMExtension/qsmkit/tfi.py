@@ -73,7 +73,7 @@ import time
 import numpy as np
 
 from . import backend
-from .background_base import BACKGROUND, check_inputs, default_pdf_pad, pdf
+from .background_base import BACKGROUND, PDF_MARGIN_MM, check_inputs, default_pdf_pad, pdf
 from .dipole import crop_to, dipole_kernel, k_grids, pad_to, padded_shape
 from .errors import QSMInputError
 
@@ -268,10 +268,6 @@ def _pdf_start(f, m, w, voxel_size, b0_dir, pad, on_box, **stop):
                               weights=None if w is None else w[box], **stop)
     info["box"] = [[s.start, s.stop] for s in box]
     return local, info
-
-
-#: PDF's default source margin around the mask (``default_pdf_pad``), mm
-PDF_MARGIN_MM = 12.0
 
 
 def _tfi(field, mask, voxel_size, b0_dir, weights, magnitude, lam, edge_fraction, rho,
