@@ -19,8 +19,9 @@ from .errors import QSMInputError
 from .registry import Registry
 
 #: ``auto`` is ``tfi-fast`` (module ``tfi``): on the end-to-end benchmark's full simulations it
-#: gives 46 % chi NRMSE against PDF's 58 % (3 T, 1 mm), at about twice PDF's time. PDF, the
-#: original method, stays a choice (``--background pdf``).
+#: gives 37 % chi NRMSE against PDF's 45 % (3 T, 1 mm), at 0.7-3.4x PDF's CPU time
+#: (``benchmarks/background_time.py``). PDF, the original method, stays a choice
+#: (``--background pdf``).
 BACKGROUND = Registry("background", default="tfi-fast")
 
 
