@@ -139,7 +139,8 @@ def background_split(c, method, mag3):
     true local field (``local_kept``: NRMSE of what comes out against it, the brain's own field
     the method loses) and the true background (``background_left``: what comes out, as a share of
     the local field's norm). Background removal is linear for PDF and nearly so for TFI, so the
-    two say which part its error in the default row comes from."""
+    two say which part its error in the default row comes from. Both run unweighted (the default
+    row uses the field fit's noise weights)."""
     from qsmkit import metrics
     from qsmkit.background import BACKGROUND
     from qsmkit.pipeline import accepts
