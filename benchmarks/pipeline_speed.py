@@ -43,6 +43,23 @@ def numpy_forward_2x(chi, voxel, b0_dir):
     return np.fft.ifftn(np.fft.fftn(x) * d).real[tuple(slice(0, n) for n in chi.shape)]
 
 
+def traced_stage_peaks(pipeline) -> dict:
+    """One more, untimed run of ``pipeline(progress)`` under tracemalloc: {stage: peak bytes}."""
+    peaks = {}
+
+    def progress(stage, done, total):
+        # called before and after each stage: the traced peak since the last call
+        peaks[stage] = max(peaks.get(stage, 0), tracemalloc.get_traced_memory()[1])
+        tracemalloc.reset_peak()
+
+    tracemalloc.start()
+    try:
+        res = pipeline(progress)
+    finally:
+        tracemalloc.stop()
+    return {rec["stage"]: peaks.get(rec["stage"], 0) for rec in res.stages}
+
+
 def one_case(size: str, device: str, repeats: int) -> dict:
     """Run in the child process: the pipeline ``repeats`` times on one size and device."""
     from qsmkit import backend, metrics
@@ -55,32 +72,19 @@ def one_case(size: str, device: str, repeats: int) -> dict:
     setup_mb = peak_memory_mb()
 
     config = PipelineConfig(device=device)
-    stage_times, stage_peaks, totals = {}, {}, []
-    res = None
-    # the timed runs are not traced (tracemalloc slows every allocation); one more run, not
-    # timed, traces the peak numpy memory per stage
-    for i in range(repeats + 1):
-        traced = i == repeats
-        peaks = {}
-        if traced:
-            tracemalloc.start()
 
-        def progress(stage, done, total, peaks=peaks, traced=traced):
-            # called before and after each stage: the traced peak since the last call
-            if traced:
-                peaks[stage] = max(peaks.get(stage, 0), tracemalloc.get_traced_memory()[1])
-                tracemalloc.reset_peak()
+    def pipeline(progress=None):
+        return run_pipeline(acq.magnitude, acq.phase, acq.te, acq.b0, ph.voxel_size, ph.b0_dir,
+                            config=config, progress=progress)
 
+    stage_times, totals = {}, []
+    for _ in range(repeats):  # timed, not traced (tracemalloc slows every allocation)
         t0 = time.perf_counter()
-        res = run_pipeline(acq.magnitude, acq.phase, acq.te, acq.b0, ph.voxel_size, ph.b0_dir,
-                           config=config, progress=progress)
-        if traced:
-            tracemalloc.stop()
-            stage_peaks = {rec["stage"]: peaks.get(rec["stage"], 0) for rec in res.stages}
-            continue
+        res = pipeline()
         totals.append(time.perf_counter() - t0)
         for rec in res.stages:
             stage_times.setdefault(rec["stage"], []).append(rec["seconds"])
+    stage_peaks = traced_stage_peaks(pipeline)
     pipeline_mb = peak_memory_mb()  # before the baseline, whose complex128 2x grid is larger
     t0 = time.perf_counter()
     numpy_forward_2x(ph.chi_brain, ph.voxel_size, ph.b0_dir)
