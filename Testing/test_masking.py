@@ -175,3 +175,35 @@ def test_ball_morphology_equals_scipy():
         np.testing.assert_array_equal(masking.dilate_ball(m, vox, r),
                                       ndimage.binary_dilation(m, structure=st))
     assert not masking.dilate_ball(np.zeros((5, 5, 5), bool), (1, 1, 1), 2).any()
+
+
+def test_surface_inside_is_the_mesh_interior():
+    """``surface_inside`` rasterises the triangle mesh of the surface: checked against an
+    independent point-in-mesh test (a point is inside the star-shaped mesh when, written as
+    ``a P0 + b P1 + c P2`` in the vertices of the face whose cone holds it, ``a + b + c <= 1``),
+    on a coarse icosphere (162 vertices) with random radii and an anisotropic grid. The (theta,
+    phi) table (1 degree) may misplace only voxels within 0.2 mm of the mesh; interpolating the
+    vertex radii instead bulges past the facets (up to 1 mm here)."""
+    rng = np.random.default_rng(3)
+    dirs, faces = masking.icosphere(2)
+    radii = 12 + 3 * rng.random(len(dirs))
+    vox = (0.9, 0.9, 1.4)
+    shape = (36, 36, 24)
+    centre = np.array([17.5 * 0.9, 18.2 * 0.9, 11.6 * 1.4])
+    got = masking.surface_inside(shape, vox, centre, radii, dirs)
+    p = np.stack(np.meshgrid(*(np.arange(n) * v for n, v in zip(shape, vox)), indexing="ij"),
+                 -1).reshape(-1, 3) - centre
+    corners = radii[faces][..., None] * dirs[faces]  # (faces, 3 vertices, xyz)
+    coef = np.einsum("fij,pj->pfi", np.linalg.inv(np.transpose(corners, (0, 2, 1))), p)
+    in_cone = (coef >= -1e-9).all(axis=2)
+    face = np.argmax(in_cone, axis=1)
+    assert in_cone.any(axis=1).all()
+    total = coef[np.arange(len(p)), face].sum(axis=1)  # 1 on the mesh, < 1 inside
+    truth = (total <= 1).reshape(shape)
+    rho = np.linalg.norm(p, axis=1)
+    off = np.abs(rho - rho / np.maximum(total, 1e-9)).reshape(shape)  # radial distance to the mesh
+    wrong = got != truth
+    print("surface_inside: voxels wrong", int(wrong.sum()), "of", int(truth.sum()),
+          "max distance to the mesh (mm)", float(off[wrong].max()) if wrong.any() else 0.0)
+    assert wrong.sum() < 0.01 * truth.sum()
+    assert not wrong.any() or off[wrong].max() < 0.2

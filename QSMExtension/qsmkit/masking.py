@@ -39,6 +39,8 @@ FSL BET joins this registry when FSL is present (``qsmkit.fsl``).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
@@ -394,19 +396,61 @@ def brain_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, level=4, sm
     return cog, r, dirs
 
 
-def surface_inside(shape, voxel_size, centre, radii, directions, depth=0.0, n_theta=180, n_phi=360):
-    """Voxels inside a radial surface, or more than ``depth`` mm (measured along the ray from
-    the centre) inside it: the radius towards each voxel is read from a (theta, phi) table
-    interpolated from the three nearest vertex directions."""
-    from scipy.spatial import cKDTree
-
+def _table_directions(n_theta, n_phi):
+    """Unit vectors at the centres of a (theta, phi) grid, theta-major."""
     th = (np.arange(n_theta) + 0.5) * np.pi / n_theta
     ph = (np.arange(n_phi) + 0.5) * 2 * np.pi / n_phi
     tt, pp = np.meshgrid(th, ph, indexing="ij")
-    u = np.stack([np.sin(tt) * np.cos(pp), np.sin(tt) * np.sin(pp), np.cos(tt)], -1).reshape(-1, 3)
-    dist, k = cKDTree(directions).query(u, 3)
-    w = 1 / np.maximum(dist, 1e-9)
-    table = ((radii[k] * w).sum(1) / w.sum(1)).reshape(n_theta, n_phi)
+    return np.stack([np.sin(tt) * np.cos(pp), np.sin(tt) * np.sin(pp), np.cos(tt)], -1).reshape(-1, 3)
+
+
+@functools.lru_cache(maxsize=4)
+def _table_faces(n_vertices, n_theta, n_phi):
+    """For each direction of the (theta, phi) table, the face of the icosphere of ``n_vertices``
+    vertices whose cone from the centre holds it: ``u . (d_i x d_j) >= 0`` for its three edges
+    (faces are counter-clockwise seen from outside). It is searched among the faces of the three
+    nearest vertices, which hold it on the icosphere (checked)."""
+    from scipy.spatial import cKDTree
+
+    level = int(round(np.log((n_vertices - 2) / 10) / np.log(4)))
+    dirs, faces = icosphere(level)
+    if len(dirs) != n_vertices:
+        raise ValueError(f"{n_vertices} vertices is not an icosphere (10 4^level + 2)")
+    u = _table_directions(n_theta, n_phi)
+    incident = np.zeros((n_vertices, 6), np.int64)  # each vertex has 5 or 6 faces
+    count = np.zeros(n_vertices, np.int64)
+    for f_idx, tri in enumerate(faces):
+        for v in tri:
+            incident[v, count[v]] = f_idx
+            count[v] += 1
+    incident[count == 5, 5] = incident[count == 5, 0]
+    near = cKDTree(dirs).query(u, 3)[1]
+    found = np.full(len(u), -1, np.int64)
+    for cand in incident[near].reshape(len(u), -1).T:
+        d0, d1, d2 = (dirs[faces[cand, i]] for i in range(3))
+        holds = np.ones(len(u), bool)
+        for a, b in ((d0, d1), (d1, d2), (d2, d0)):
+            holds &= (np.cross(a, b) * u).sum(1) >= -1e-12
+        new = holds & (found < 0)
+        found[new] = cand[new]
+    if (found < 0).any():  # pragma: no cover - the icosphere is a fine Delaunay mesh
+        raise RuntimeError("a table direction lies in no face of the icosphere")
+    return u, faces[found]
+
+
+def surface_inside(shape, voxel_size, centre, radii, directions, depth=0.0, n_theta=180, n_phi=360):
+    """Voxels whose centre lies inside a radial surface, or more than ``depth`` mm (measured
+    along the ray from the centre) inside it. The surface is the triangle mesh whose vertices
+    BET moves (its faces those of :func:`icosphere`; BET's mask is likewise the mesh's
+    interior): the radius towards each voxel is read from a (theta, phi) table of the rays'
+    intersections with the mesh's faces. (Interpolating the vertex radii instead, inversely to
+    the angular distance, bulged the surface 0.07 mm outward between the vertices on the head
+    model and 3 T head-model Dice was 0.0002-0.0004 lower.)"""
+    u, tri = _table_faces(len(directions), n_theta, n_phi)
+    p = np.asarray(radii, float)[:, None] * np.asarray(directions, float)
+    p0, p1, p2 = p[tri[:, 0]], p[tri[:, 1]], p[tri[:, 2]]
+    normal = np.cross(p1 - p0, p2 - p0)  # the plane n . x = n . p0, met by the ray t u at t:
+    table = ((normal * p0).sum(1) / (normal * u).sum(1)).reshape(n_theta, n_phi)
     vox = np.asarray(voxel_size, float)
     lo = np.maximum(np.floor((centre - radii.max()) / vox).astype(int), 0)
     hi = np.minimum(np.ceil((centre + radii.max()) / vox).astype(int) + 1, shape)
