@@ -196,7 +196,7 @@ def test_real_head_pipeline_from_three_forms(tmp_path):
     RAS, the surface mask samples the magnitude continuously, and tfi-fast's PDF start does not
     stop where its change has levelled off. Measured (inversion tv): identical masks (1486 ml),
     chi 0.37 % apart (NRMSE; 0.23 % before the mask became the surface mesh's interior, 8 voxels
-    fewer), p1..p99 -0.22..0.19 ppm. Before: 10 mask voxels, 23-25 % apart."""
+    differ), p1..p99 -0.22..0.19 ppm. Before: 10 mask voxels, 23-25 % apart."""
     from qsmkit import metrics
     from qsmkit.cli import main
 
