@@ -39,7 +39,7 @@ VARIANTS = {
     "l2": ("l2", {}),
     "tkd": ("tkd", {}),
 }
-DEFAULT_METHODS = ("default", "tv")
+DEFAULT_METHODS = ("default", "focuss")  # the default (tv) and the project's original method
 
 
 def run_ours(case, name):
