@@ -82,7 +82,8 @@ The upper SNR, 60, was chosen on the suite's tuning head (``benchmarks/eval``, h
 magnitude SNR 47: NRMSE 31.5 / 27.8 / 26.3 / 26.2 / 27.3 % at t = 0.21 / 0.45 / 0.6 / 0.8 / 1;
 t = 0.72 with 60). With the former 500, SNR 47 gave t = 0.21, close to the in-vivo end: the
 reason the magnitude prior of FOCUSS lost to ``tv``'s MEDI edges on the suite's shared-edge
-cases (held out: FANSI axial / oblique 16.8 / 27.2 % at t = 0.21 against 10.7 / 13.8 % at 0.6).
+cases (held out: FANSI axial / oblique 16.8 / 27.2 % with 500, 9.0 / 11.6 % with 60; the
+sweep and the suite: ``python -m benchmarks.eval.run``, README).
 Measured SNRs: 2016 challenge 23 (t = 0), the suite's heads 36-76, the FANSI phantom's
 synthesised magnitude 47, the built-in phantom at SNR 100 about 73 (t = 1), the
 phantom's noise-free magnitude infinite (t = 1). ``info`` records t, the SNR and every value.
