@@ -76,18 +76,18 @@ def r2star_map(c):
 
 
 def auto_csf_scores(chi, c, csf_mask):
-    """Deep-gray means of ``chi`` relative to its mean in ``csf_mask`` against the truth's
-    relative to the pure CSF value (true CSF label, eroded by one voxel)."""
-    from scipy import ndimage
-
-    true_csf = ndimage.binary_erosion(c.mask & (c.labels == e2e_cases.CSF))
+    """Deep-gray means of ``chi`` relative to its mean in ``csf_mask`` (the automatic CSF mask,
+    as ``qsmkit run`` references them) against the truth's relative to the truth's mean in the
+    same region, as a user's table would compare them. That region lies in the ventricles (its
+    truth is the pure CSF value to 0.03 ppb on these cases); an eroded CSF label is not pure at
+    2.5 mm slices (3.4 ppb above it), which had flattered this score by up to 3.4 ppb."""
     ours, ref = [], []
     for lab in e2e_cases.DGM.values():
         r = c.mask & (c.labels == lab)
         if r.sum() < 5:
             continue
         ours.append(1000 * (chi[r].mean() - chi[csf_mask].mean()))
-        ref.append(1000 * (c.chi[r].mean() - c.chi[true_csf].mean()))
+        ref.append(1000 * (c.chi[r].mean() - c.chi[csf_mask].mean()))
     a, b = np.array(ref), np.array(ours)
     return {"auto_slope": float(np.polyfit(a, b, 1)[0]), "auto_mae_ppb": float(np.mean(np.abs(a - b)))}
 
