@@ -261,6 +261,8 @@ def test_prior_variants_run(small, prior):
                           outer=2, refine=3)
     assert info["prior"] == prior and np.all(np.isfinite(chi))
     assert info["refinement"]["iterations"] <= 3
+    # a noise-free magnitude is trusted fully, but only by the prior that uses its edges
+    assert info["edge_trust"] == (0.0 if prior == "none" else 1.0)
 
 
 @pytest.mark.parametrize("change, message", [
