@@ -302,7 +302,8 @@ def figure(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", nargs="+", default=list(e2e_cases.CASES), choices=list(e2e_cases.CASES))
+    names = list(e2e_cases.CASES) + list(e2e_cases.QSMFORWARD_CASES)
+    p.add_argument("--cases", nargs="+", default=names, choices=names)
     p.add_argument("--tfi-on", nargs="*", default=[],
                    help="cases with a tfi (200 iterations) row (opt-in: minutes per case)")
     p.add_argument("--peer-pdf-on", nargs="*", default=[],

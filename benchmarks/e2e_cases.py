@@ -29,6 +29,20 @@ Cases: 3 T and 7 T; 1 mm with B0 along z and 0.94 x 0.94 x 2.5 mm with B0 tilted
 the y-z plane of the voxel axes. Echoes: 3 T 4/12/20/28 ms, 7 T 3/8/13/18 ms. None of these
 cases chose a constant of the pipeline's default (those were chosen on the 1.28 mm head model
 with the true total field, and on the 2016 challenge and the phantom), so all are held out.
+
+A QSM-CI-style case (``QSMFORWARD_CASES``, ``build_qsmforward``) takes the acquisition from
+qsm-forward (PyPI, the simulator behind the QSM-CI leaderboard's data) instead of ours, at its
+defaults (7 T, TE 4/12/20/28 ms, TR 50 ms, flip 15 degrees, 1 mm, B0 along z): the native total
+field of step 1 (the same kernel as qsm-forward's ``generate_field``, which would need a 2x
+padded 26 M-voxel complex FFT, about 10 GB) shimmed to second order in the brain
+(``generate_shimmed_field``), qsm-forward's receiver phase (``generate_phase_offset``) and
+spoiled-GRE signal with T1 weighting (``generate_signal``; proton density and T2* per label as
+above, T1 per label from ``T1_7T_S``), k-space truncation to the acquisition grid
+(``crop_kspace``: Gibbs ringing, no voxel integration) and noise at a peak SNR of 100
+(``add_noise``). Truths: chi resampled as qsm-forward writes its chi map (``resize``, nilearn's
+continuous interpolation), labels and brain mask by nearest neighbour, the local field k-space
+truncated like the signal, the total field the echo-time slope of the noise-free signal's
+unwrapped phase. Its whole field of view is kept (the head and the air around it).
 """
 
 from __future__ import annotations
@@ -54,6 +68,14 @@ GEOMETRY = {"1mm": ((1.0, 1.0, 1.0), (2, 2, 2)), "aniso": ((0.9375, 0.9375, 2.5)
 CASES = {"3T-1mm-z": (3.0, "1mm", 0.0), "7T-1mm-z": (7.0, "1mm", 0.0),
          "3T-aniso-tilt": (3.0, "aniso", TILT_DEG), "7T-aniso-tilt": (7.0, "aniso", TILT_DEG)}
 #: deep gray nuclei of the head model (label ids) and its CSF label
+#: QSM-CI-style cases (qsm-forward's acquisition): name -> (B0 tesla, voxel size mm, echo times s)
+QSMFORWARD_CASES = {"qsmforward-7T-1mm": (7.0, (1.0, 1.0, 1.0), (0.004, 0.012, 0.020, 0.028))}
+#: T1 (s) per head-model label at 7 T for qsm-forward's spoiled-GRE signal, rounded from
+#: Rooney et al., MRM 2007;57:308 (WM 1.2, cortex 2.0, caudate 1.7, putamen 1.7, GP 1.2, CSF
+#: 4.4, blood 2.6 s) and Wright et al., MAGMA 2008;21:121; the others are plausible guesses
+#: (they only set the magnitude's contrast).
+T1_7T_S = {1: 1.7, 2: 1.2, 3: 1.7, 4: 1.4, 5: 1.4, 6: 1.4, 7: 1.6, 8: 1.2, 9: 2.0, 10: 4.4,
+           11: 2.6, 12: 0.6, 13: 0.4, 14: 1.0, 15: 1.9, 16: 1.0}
 DGM = {"caudate": 1, "globus_pallidus": 2, "putamen": 3, "red_nucleus": 4, "dentate": 5,
        "substantia_nigra": 6, "thalamus": 7}
 CSF = 10
@@ -186,6 +208,78 @@ def build(name, progress=print) -> E2ECase:
                    true_phase=(ref + offset[..., None]).astype(np.float32), phase_offset=offset)
 
 
+def build_qsmforward(name, progress=print) -> E2ECase:
+    """Simulate QSM-CI-style case ``name`` (a key of ``QSMFORWARD_CASES``) with qsm-forward's
+    acquisition model; see the module docstring."""
+    import nibabel as nib
+    import qsm_forward as qf
+
+    from qsmkit import units
+    from qsmkit.headmodel import GRE_TISSUE_3T
+
+    b0, vox, te = QSMFORWARD_CASES[name]
+    b0_dir = (0.0, 0.0, 1.0)
+    t0 = time.perf_counter()
+    chi_n, seg, brain, total_n, local_n = _native(b0_dir)
+    n_lab = max(GRE_TISSUE_3T) + 1
+    lut = {k: np.zeros(n_lab, np.float32) for k in ("pd", "r2", "r1")}
+    for lab, (pd, t2s) in GRE_TISSUE_3T.items():
+        lut["pd"][lab], lut["r2"][lab] = pd, 1e3 / t2s * (b0 + 1.0) / 4.0
+        lut["r1"][lab] = 1.0 / T1_7T_S[lab]
+    m0, r2s, r1 = (lut[k][seg] for k in ("pd", "r2", "r1"))
+    _, field, _ = qf.generate_shimmed_field(total_n.astype(np.float64), brain, order=2)
+    offset = qf.generate_phase_offset(m0, brain, seg.shape)
+    dims = np.round(NATIVE_MM / np.asarray(vox) * np.asarray(seg.shape)).astype(int)
+    progress(f"{name}: native field shimmed ({time.perf_counter() - t0:.0f} s); acquisition {tuple(dims)}")
+
+    def acquired(x):  # a real map truncated in k-space like the signal (as a complex array:
+        # crop_kspace's path for real input also removes Gibbs ringing and returns magnitudes)
+        return np.real(qf.crop_kspace(x.astype(np.complex128), dims)).astype(np.float32)
+
+    omega = 2 * np.pi * units.larmor_hz(b0) * 1e-6
+    field_acq, offset_acq = acquired(field), acquired(offset)
+    rng = np.random.default_rng(17)
+    mag, pha, true_phase, weight = [], [], [], []
+    for t in te:
+        sig = qf.crop_kspace(qf.generate_signal(field, B0=b0, TR=0.05, TE=t, flip_angle=15,
+                                                phase_offset=offset, R1=r1, R2star=r2s, M0=m0), dims)
+        # the unwrapped phase of the noise-free acquired signal: the truncated phase model plus
+        # the wrapped rest (ringing and partial volumes make the two differ near air and bone)
+        ref = omega * t * field_acq + offset_acq
+        true_phase.append((ref + np.angle(sig * np.exp(-1j * ref))).astype(np.float32))
+        weight.append((np.abs(sig) ** 2).astype(np.float32))
+        sig = qf.add_noise(sig, peak_snr=SNR, rng=rng)
+        mag.append(np.abs(sig).astype(np.float32))
+        pha.append(np.angle(sig).astype(np.float32))
+        del sig
+        progress(f"{name}: echo {t * 1e3:.0f} ms ({time.perf_counter() - t0:.0f} s)")
+    del m0, r2s, r1, field, offset
+    # true total field: the weighted least-squares slope of that phase over the echo times, the
+    # field the acquisition encodes (the k-space truncated native field is not: Gibbs ringing of
+    # the air's field, where there is no signal, reaches into the brain)
+    tt = np.asarray(te)[None, None, None, :]
+    ph, w = np.stack(true_phase, -1), np.stack(weight, -1) + 1e-30
+    tm = (w * tt).sum(-1) / w.sum(-1)
+    pm = (w * ph).sum(-1) / w.sum(-1)
+    slope = (w * (tt - tm[..., None]) * (ph - pm[..., None])).sum(-1) / (
+        w * (tt - tm[..., None]) ** 2).sum(-1)
+    field_true = (slope / omega).astype(np.float32)
+    local_acq = acquired(local_n)
+    aff = np.diag([NATIVE_MM] * 3 + [1.0])
+
+    def resampled(x, kind):
+        return np.asarray(qf.resize(nib.Nifti1Image(x, aff), list(vox), kind).dataobj)
+
+    chi = resampled(chi_n.astype(np.float32), "continuous").astype(np.float32)
+    labels = resampled(seg.astype(np.float32), "nearest").astype(np.int16)
+    mask = resampled(brain.astype(np.float32), "nearest") > 0.5
+    progress(f"{name}: truths resampled ({time.perf_counter() - t0:.0f} s)")
+    return E2ECase(name=name, magnitude=np.stack(mag, -1), phase=np.stack(pha, -1), te=te, b0=b0,
+                   voxel_size=tuple(vox), b0_dir=b0_dir, mask=mask, labels=labels, chi=chi,
+                   field_total=field_true, field_local=(local_acq * mask).astype(np.float32),
+                   true_phase=ph, phase_offset=offset_acq)
+
+
 _ARRAYS = ("magnitude", "phase", "mask", "labels", "chi", "field_total", "field_local",
            "true_phase", "phase_offset")
 
@@ -199,7 +293,7 @@ def load(name, progress=print) -> E2ECase:
             arrays = {k: z[k] for k in _ARRAYS}
         return E2ECase(name=name, te=tuple(meta["te"]), b0=meta["b0"],
                        voxel_size=tuple(meta["voxel_size"]), b0_dir=tuple(meta["b0_dir"]), **arrays)
-    case = build(name, progress)
+    case = (build_qsmforward if name in QSMFORWARD_CASES else build)(name, progress)
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(npz, **{k: getattr(case, k) for k in _ARRAYS})
     js.write_text(json.dumps({"te": case.te, "b0": case.b0, "voxel_size": case.voxel_size,
