@@ -34,12 +34,15 @@ VARIANTS = {
     "tv": ("tv", {}),
     "tv-noprior": ("tv", {"magnitude_weights": False, "edge_fraction": 0.0}),
     "tv-edge-half": ("tv", {"edge_weight": 0.5}),
+    "tv-edge-0.15": ("tv", {"edge_fraction": 0.15}),
     "tv-iter100": ("tv", {"max_iter": 100}),
     "tv-nobalance": ("tv", {"balance": False}),
     "l2": ("l2", {}),
+    # FOCUSS at a fixed edge trust t (``focuss.rule_parameters``), the sweep that chose SNR_HIGH
+    **{f"focuss-t{t:g}": ("focuss", {"edge_trust": t}) for t in (0.0, 0.21, 0.45, 0.6, 0.8, 1.0)},
     "tkd": ("tkd", {}),
 }
-DEFAULT_METHODS = ("default", "tv")
+DEFAULT_METHODS = ("default", "focuss")  # the default (tv) and the project's original method
 
 
 def run_ours(case, name):
@@ -47,6 +50,10 @@ def run_ours(case, name):
 
     method, params = VARIANTS[name]
     func = INVERSION.get(method).func
+    if "edge_trust" in params:
+        from qsmkit.focuss import rule_parameters
+
+        params = rule_parameters(params["edge_trust"])
     t0 = time.perf_counter()
     chi, info = func(case.field, case.mask, case.voxel_size, case.b0_dir, case.magnitude, **params)
     return np.asarray(chi), info, time.perf_counter() - t0
