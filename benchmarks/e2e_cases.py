@@ -67,7 +67,6 @@ GEOMETRY = {"1mm": ((1.0, 1.0, 1.0), (2, 2, 2)), "aniso": ((0.9375, 0.9375, 2.5)
 #: name -> (B0 tesla, geometry, B0 tilt in degrees)
 CASES = {"3T-1mm-z": (3.0, "1mm", 0.0), "7T-1mm-z": (7.0, "1mm", 0.0),
          "3T-aniso-tilt": (3.0, "aniso", TILT_DEG), "7T-aniso-tilt": (7.0, "aniso", TILT_DEG)}
-#: deep gray nuclei of the head model (label ids) and its CSF label
 #: QSM-CI-style cases (qsm-forward's acquisition): name -> (B0 tesla, voxel size mm, echo times s)
 QSMFORWARD_CASES = {"qsmforward-7T-1mm": (7.0, (1.0, 1.0, 1.0), (0.004, 0.012, 0.020, 0.028))}
 #: T1 (s) per head-model label at 7 T for qsm-forward's spoiled-GRE signal, rounded from
@@ -76,6 +75,7 @@ QSMFORWARD_CASES = {"qsmforward-7T-1mm": (7.0, (1.0, 1.0, 1.0), (0.004, 0.012, 0
 #: (they only set the magnitude's contrast).
 T1_7T_S = {1: 1.7, 2: 1.2, 3: 1.7, 4: 1.4, 5: 1.4, 6: 1.4, 7: 1.6, 8: 1.2, 9: 2.0, 10: 4.4,
            11: 2.6, 12: 0.6, 13: 0.4, 14: 1.0, 15: 1.9, 16: 1.0}
+#: deep gray nuclei of the head model (label ids) and its CSF label
 DGM = {"caudate": 1, "globus_pallidus": 2, "putamen": 3, "red_nucleus": 4, "dentate": 5,
        "substantia_nigra": 6, "thalamus": 7}
 CSF = 10
