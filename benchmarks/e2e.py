@@ -22,8 +22,10 @@ Per case (the true brain mask is given to every pipeline; masking is not measure
 Scores: QSM-CI's scorer (``benchmarks/eval/score.py``: NRMSE, XSIM, deep-gray NRMSE, ...) and
 deep-gray ROI means (caudate, globus pallidus, putamen, red nucleus, dentate, substantia nigra,
 thalamus) relative to CSF: ``slope`` and ``MAE`` against the truth's ROI means relative to the
-true CSF label (``roi_*``), and the same with the reference taken in the automatic ventricular
-CSF mask of ``qsmkit.csf`` (from the case's own R2*: ``auto_*``). Field checks: NRMSE of the
+true CSF label (``roi_*``), and the same with both maps referenced to the automatic ventricular
+CSF mask of ``qsmkit.csf`` (from the case's own R2*: ``auto_*``, as ``qsmkit run`` reports them).
+Cases: the four head-model simulations and the QSM-CI-style one built with qsm-forward's
+acquisition model (``benchmarks/e2e_cases.py``). Field checks: NRMSE of the
 total field, and the share of brain voxels whose unwrapped phase is exact (every echo within
 pi of the truth, after removing the one global multiple of 2 pi per echo). Background split: the
 default background removal applied to the true local field alone (what of the brain's own field
