@@ -129,39 +129,16 @@ _PRIORS = ("magnitude", "none", "kspace")
 # ----------------------------------------------------------------------------- helpers
 
 
-def _shift_slices(ndim, ax, n, forward):
-    a = [slice(None)] * ndim
-    b = [slice(None)] * ndim
-    if forward:
-        a[ax], b[ax] = slice(0, n - 1), slice(1, n)
-    else:
-        a[ax], b[ax] = slice(1, n), slice(0, n - 1)
-    return tuple(a), tuple(b)
-
-
 def _dfw(x, ax, inv_d, xp):
     """Periodic forward difference (x[j + 1] - x[j]) / d along ``ax``."""
-    out = xp.empty_like(x)
-    n = x.shape[ax]
-    a, b = _shift_slices(x.ndim, ax, n, True)
-    xp.subtract(x[b], x[a], out=out[a])
-    a, b = _shift_slices(x.ndim, ax, n, False)
-    last = tuple(slice(n - 1, n) if i == ax else slice(None) for i in range(x.ndim))
-    first = tuple(slice(0, 1) if i == ax else slice(None) for i in range(x.ndim))
-    xp.subtract(x[first], x[last], out=out[last])
+    out = backend.periodic_diff(x, ax)
     out *= backend.FLOAT(inv_d)
     return out
 
 
 def _dfw_t(x, ax, inv_d, xp):
     """Adjoint of ``_dfw``: (x[j - 1] - x[j]) / d."""
-    out = xp.empty_like(x)
-    n = x.shape[ax]
-    a, b = _shift_slices(x.ndim, ax, n, False)
-    xp.subtract(x[b], x[a], out=out[a])
-    last = tuple(slice(n - 1, n) if i == ax else slice(None) for i in range(x.ndim))
-    first = tuple(slice(0, 1) if i == ax else slice(None) for i in range(x.ndim))
-    xp.subtract(x[last], x[first], out=out[first])
+    out = backend.periodic_diff_adjoint(x, ax)
     out *= backend.FLOAT(inv_d)
     return out
 

@@ -276,29 +276,16 @@ def lsqr(field, mask, voxel_size, b0_dir, magnitude=None, max_iter=5, noise=None
 ALPHA_KAPPA = 0.5
 
 
-def _along(ax, sl):
-    return (slice(None),) * ax + (sl,)
-
-
 def _grad(x, ax, d, xp):
-    """Periodic forward difference (x[j + 1] - x[j]) / d along ``ax`` (per mm); by slices, which
-    saves the copy of ``roll``."""
-    out = xp.empty_like(x)
-    xp.subtract(x[_along(ax, slice(1, None))], x[_along(ax, slice(None, -1))],
-                out=out[_along(ax, slice(None, -1))])
-    xp.subtract(x[_along(ax, slice(0, 1))], x[_along(ax, slice(-1, None))],
-                out=out[_along(ax, slice(-1, None))])
+    """Periodic forward difference (x[j + 1] - x[j]) / d along ``ax`` (per mm)."""
+    out = backend.periodic_diff(x, ax)
     out *= backend.FLOAT(1 / d)
     return out
 
 
 def _grad_t(y, ax, d, xp):
     """Adjoint of ``_grad``: (y[j - 1] - y[j]) / d."""
-    out = xp.empty_like(y)
-    xp.subtract(y[_along(ax, slice(None, -1))], y[_along(ax, slice(1, None))],
-                out=out[_along(ax, slice(1, None))])
-    xp.subtract(y[_along(ax, slice(-1, None))], y[_along(ax, slice(0, 1))],
-                out=out[_along(ax, slice(0, 1))])
+    out = backend.periodic_diff_adjoint(y, ax)
     out *= backend.FLOAT(1 / d)
     return out
 

@@ -89,10 +89,7 @@ def forward_diff(x, out=None):
     xp = backend.get_array_module(x)
     out = xp.empty((3,) + x.shape, x.dtype) if out is None else out
     for a in range(3):
-        xp.subtract(x[_slices(a, slice(1, None))], x[_slices(a, slice(0, -1))],
-                    out=out[a][_slices(a, slice(0, -1))])
-        xp.subtract(x[_slices(a, slice(0, 1))], x[_slices(a, slice(-1, None))],
-                    out=out[a][_slices(a, slice(-1, None))])
+        backend.periodic_diff(x, a, out=out[a])
     return out
 
 
