@@ -135,6 +135,20 @@ def _native(b0_dir):
     return chi, seg, brain, total, local
 
 
+def _tissue_luts(b0):
+    """Proton density and R2* (s^-1) per head-model label at ``b0`` tesla (``GRE_TISSUE_3T``,
+    R2* scaled by (B0 + 1) / 4 from 3 T; labels without an entry: no signal, R2* 1000)."""
+    from qsmkit.headmodel import GRE_TISSUE_3T
+
+    n_lab = max(GRE_TISSUE_3T) + 1
+    pd_lut = np.zeros(n_lab, np.float32)
+    r2_lut = np.full(n_lab, 1000.0, np.float32)
+    for lab, (pd, t2s) in GRE_TISSUE_3T.items():
+        pd_lut[lab] = pd
+        r2_lut[lab] = 1e3 / t2s * (b0 + 1.0) / 4.0
+    return pd_lut, r2_lut
+
+
 def _block_mode(lab, fac, n_lab):
     from qsmkit.simulate import block_mean
 
@@ -167,11 +181,7 @@ def build(name, progress=print) -> E2ECase:
     axes = [lo + (np.arange(n * f) + 0.5) * d for lo, n, f, d in zip(lo_mm, shape, fac, fine_vox)]
     te = TE[b0]
     n_lab = max(GRE_TISSUE_3T) + 1
-    pd_lut = np.zeros(n_lab, np.float32)
-    r2_lut = np.full(n_lab, 1000.0, np.float32)
-    for lab, (pd, t2s) in GRE_TISSUE_3T.items():
-        pd_lut[lab] = pd
-        r2_lut[lab] = 1e3 / t2s * (b0 + 1.0) / 4.0
+    pd_lut, r2_lut = _tissue_luts(b0)
     omega = 2 * np.pi * units.larmor_hz(b0) * 1e-6
     out = {k: np.empty(shape, np.float32) for k in ("chi", "total", "local", "mask")}
     labels = np.empty(shape, np.int16)
@@ -215,18 +225,16 @@ def build_qsmforward(name, progress=print) -> E2ECase:
     import qsm_forward as qf
 
     from qsmkit import units
-    from qsmkit.headmodel import GRE_TISSUE_3T
 
     b0, vox, te = QSMFORWARD_CASES[name]
     b0_dir = (0.0, 0.0, 1.0)
     t0 = time.perf_counter()
     chi_n, seg, brain, total_n, local_n = _native(b0_dir)
-    n_lab = max(GRE_TISSUE_3T) + 1
-    lut = {k: np.zeros(n_lab, np.float32) for k in ("pd", "r2", "r1")}
-    for lab, (pd, t2s) in GRE_TISSUE_3T.items():
-        lut["pd"][lab], lut["r2"][lab] = pd, 1e3 / t2s * (b0 + 1.0) / 4.0
-        lut["r1"][lab] = 1.0 / T1_7T_S[lab]
-    m0, r2s, r1 = (lut[k][seg] for k in ("pd", "r2", "r1"))
+    pd_lut, r2_lut = _tissue_luts(b0)
+    r1_lut = np.zeros(len(pd_lut), np.float32)
+    for lab, t1 in T1_7T_S.items():
+        r1_lut[lab] = 1.0 / t1
+    m0, r2s, r1 = pd_lut[seg], r2_lut[seg], r1_lut[seg]
     _, field, _ = qf.generate_shimmed_field(total_n.astype(np.float64), brain, order=2)
     offset = qf.generate_phase_offset(m0, brain, seg.shape)
     dims = np.round(NATIVE_MM / np.asarray(vox) * np.asarray(seg.shape)).astype(int)
