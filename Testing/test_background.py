@@ -242,3 +242,53 @@ def test_tfi_edge_mask_of_a_noise_free_magnitude():
     assert np.array_equal(free == 0, np.abs(np.roll(mag, -1, 0) - mag) > 0)
     noisy = mag + np.random.default_rng(0).normal(0, 0.01, mag.shape).astype(np.float32)
     assert abs((edge_free_mask(noisy, mask, 0.3) == 0).mean() - 0.3) < 0.01
+
+
+def test_cap_weights_lowers_only_the_bright_voxels():
+    """Weights above the mask's median go down to it; those below keep their ratio to the rest
+    (they mark unreliable voxels); the result has mean 1 in the mask and is unchanged outside
+    the rule's reach (cap 0, no weights)."""
+    from qsmkit.background_base import cap_weights
+
+    m = np.ones(100, bool)
+    w = np.r_[np.full(40, 3.0), np.full(50, 1.0), np.full(10, 0.1)].astype(np.float32)
+    out, share = cap_weights(w.copy(), m, 1.0)
+    assert share == pytest.approx(0.4)
+    assert out.mean() == pytest.approx(1.0, rel=1e-6)
+    assert np.ptp(out[:90]) == 0  # the bright voxels now weigh what the median voxel weighs
+    assert out[95] / out[0] == pytest.approx(0.1, rel=1e-6)  # the low ones are still 10x lower
+    assert cap_weights(None, m, 1.0) == (None, 0.0)
+    np.testing.assert_array_equal(cap_weights(w.copy(), m, 0.0)[0], w)
+
+
+def test_tfi_fast_bright_rim_weights():
+    """A rim of voxels twice as bright as the rest at the mask's edge (CSF next to the skull:
+    less noise there, but no smaller background misfit) pulls the raw-weighted fit towards it and
+    raises the local-field error; with the weights capped at their median (the default) the
+    error is the unweighted fit's. Measured: 6.97 % raw, 5.85 % capped and unweighted."""
+    voxel = (1.5, 1.5, 1.5)
+    total, local, _, mask = scene(voxel)
+    w = np.where(ndimage.distance_transform_edt(mask) <= 2, 2.0, 1.0).astype(np.float32)
+    func = background.BACKGROUND.get("tfi-fast").func
+    raw, _, _ = func(total, mask, voxel, (0, 0, 1), weights=w, weight_cap=0.0)
+    capped, _, info = func(total, mask, voxel, (0, 0, 1), weights=w)
+    plain, _, _ = func(total, mask, voxel, (0, 0, 1))
+    e_raw, e_cap, e_plain = (metrics.nrmse(x, local, mask) for x in (raw, capped, plain))
+    assert info["weight_cap"] == 1.0 and 0.1 < info["weights_capped_share"] < 0.3
+    assert e_cap < 0.9 * e_raw, (e_cap, e_raw)
+    assert abs(e_cap - e_plain) < 0.2, (e_cap, e_plain)
+
+
+def test_tfi_edge_mask_ignores_the_mask_boundary():
+    """A uniform, noisy magnitude inside a ball: the mask's own boundary (bright inside, zero
+    outside) is no tissue edge, so its voxels are freed about as often as the rest (before the
+    rule 74 % of them were, measured: the forward differences across the boundary held the
+    largest gradients)."""
+    from qsmkit.tfi import edge_free_mask
+
+    mask = ball((32, 32, 32), (1.0, 1.0, 1.0), (0, 0, 0), 12)
+    rim = mask & ~ndimage.binary_erosion(mask)
+    mag = 1 + np.random.default_rng(1).normal(0, 0.01, mask.shape).astype(np.float32)
+    free = edge_free_mask(mag, mask, 0.3) == 0
+    assert abs(free[mask].mean() - 0.3) < 0.01
+    assert free[rim].mean() < 0.4, free[rim].mean()
