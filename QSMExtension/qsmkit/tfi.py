@@ -41,7 +41,9 @@ box grown by 8 mm instead of the whole field of view (after PDF, the harmonic pa
 is reproduced by sources in a thin shell around the brain, the argument of ``default_pdf_pad``),
 from a PDF start of a set length (``PDF_START_ITER``: PDF's own stop, where its change levels
 off, made two exports of one real scan differ by 21 %) that itself runs on the bounding box
-grown by PDF's 12 mm source margin rather than the whole field of view (``_pdf_start``). On the
+grown by PDF's 12 mm source margin rather than the whole field of view (``_pdf_start``), and
+with the noise weights capped at their median in the mask (``background_base.cap_weights``:
+brighter voxels are less noisy, but what the fit cannot explain there is not noise). On the
 head model at 1.28 mm (``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 %
 (mask / eroded), ``tfi-fast`` 19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as
 ``tfi``), PDF 42.8 / 27.6 %. Its time against PDF's (``benchmarks/background_time.py``, CPU
@@ -73,8 +75,7 @@ import time
 import numpy as np
 
 from . import backend
-from .background_base import (BACKGROUND, PDF_MARGIN_MM, cap_weights, check_inputs,
-                              default_pdf_pad, pdf)
+from .background_base import BACKGROUND, PDF_MARGIN_MM, cap_weights, check_inputs, default_pdf_pad, pdf
 from .dipole import crop_to, dipole_kernel, k_grids, pad_to, padded_shape
 from .errors import QSMInputError
 
