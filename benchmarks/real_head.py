@@ -5,9 +5,11 @@ dcm2niix NIfTI), with the defaults and with the two options this protocol needs
 80-point elliptical k-space, and the steepest-field voxels next to the sinuses left out before
 background removal); the plausibility checks of the data set's README, and the README figure
 (magnitude with the mask outline, total field, local field, chi; three planes). About 1.5 min
-on 2 cores:
+on 2 cores. Beside them, the peer QSM.rs (``../shared/peers/qsmrs``: V-SHARP then RTS, its
+library defaults) on the same total field and mask, so that what is the data's and what is ours
+can be told apart. Run from the repository root:
 
-    python benchmarks/real_head.py [--out bench-output/real_head] [--figure PATH]
+    python -m benchmarks.real_head [--out bench-output/real_head] [--figure PATH]
 
 The pipeline runs through ``qsmkit run``'s own function (``ras_order.run_pipeline_in_ras_order``:
 the stages in the voxel order closest to RAS): dcm2niix stores this series with the first voxel
@@ -23,15 +25,18 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from benchmarks.eval import peers
+from scipy import ndimage
 
-from qsmkit import io, metrics, qc, scanner
+from qsmkit import geometry, io, metrics, qc, scanner
 from qsmkit.pipeline import PipelineConfig
 from qsmkit.ras_order import run_pipeline_in_ras_order
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "philips-invivo-gre"
 FORMS = ("dicom-classic", "dicom-enhanced", "nifti")
 #: name -> (k-space apodization alpha, steep-field fence)
-SETTINGS = {"defaults": (0.0, 0.0), "--apodize 0.5 --steep-field 3": (0.5, 3.0)}
+OPTIONS = "--apodize 0.5 --steep-field 3"
+SETTINGS = {"defaults": (0.0, 0.0), OPTIONS: (0.5, 3.0)}
 
 
 def run_form(form, apodize=0.0, fence=0.0):
@@ -55,7 +60,33 @@ def run_form(form, apodize=0.0, fence=0.0):
     out["seconds"] = seconds
     out["rule"] = pha.meta.get("phase_convention", {}).get("name")
     out["inversion"] = res.config.inversion
+    out["te"], out["b0"] = te, b0
+    out["b0_dir"] = geometry.b0_direction(order.canonical_affine)
     return out
+
+
+def ripple_sd(chi, mask):
+    """SD (ppm) of chi minus its 3 x 3 x 3 median, over the mask eroded by 2 voxels: the
+    voxel-to-voxel oscillation that Gibbs rings add and a median removes (a ring measure; the
+    rim, where background residuals sit, is left out)."""
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    return float(np.std((chi - ndimage.median_filter(chi, 3))[inner]))
+
+
+def peer_chi(r):
+    """The peer, QSM.rs, on the same input: our total field and mask through its V-SHARP and
+    RTS (library defaults, ``benchmarks/eval/peers.py``). None where ../shared lacks it."""
+    if peers.available():
+        return None
+    vox = tuple(float(v) for v in r["voxel_size"])
+    field = np.where(r["mask"], r["field_total"], 0)
+    local, lm, _ = peers.run("bfr", "vsharp", field, r["mask"], vox, r["b0_dir"], b0_t=r["b0"],
+                             te_s=float(r["te"][-1]))
+    lm = lm > 0
+    chi, _, _ = peers.run("dipole", "rts", local, lm, vox, r["b0_dir"], b0_t=r["b0"],
+                          te_s=float(r["te"][-1]))
+    return {**r, "chi": np.where(lm, chi, 0).astype(np.float32), "local_mask": lm,
+            "field_local": np.where(lm, local, 0).astype(np.float32)}
 
 
 def window(chi, mask, half=0.12):
@@ -64,28 +95,48 @@ def window(chi, mask, half=0.12):
     return mid - half, mid + half
 
 
-def figure(r, plain, path):
+def spreads(chi, mask, voxel_size, rim_mm=6.0):
+    """chi's 1st-99th percentile range (ppm) within ``rim_mm`` of the mask's edge and deeper:
+    residual background and edge streaks widen the first, not the second."""
+    from qsmkit.masking import _ball_distance
+
+    depth = _ball_distance(mask, voxel_size)
+    out = []
+    for part in (mask & (depth <= rim_mm), mask & (depth > rim_mm)):
+        p1, p99 = np.percentile(chi[part], [1, 99])
+        out.append(float(p99 - p1))
+    return out
+
+
+def figure(plain, options, peer, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    r = plain
     vox, m, lm = r["voxel_size"], r["mask"], r["local_mask"]
     centre = qc.centre_of(m)
     rows = [("magnitude + mask", r["magnitude"], "gray", 0, float(np.percentile(r["magnitude"], 99.5)), m),
             ("total field (ppm)", np.where(m, r["field_total"], np.nan), "RdBu_r", -1.0, 1.0, None),
             ("local field (ppm)", np.where(lm, r["field_local"], np.nan), "RdBu_r", -0.04, 0.04, None),
-            ("chi (ppm)", np.where(lm, r["chi"], np.nan), "gray", *window(r["chi"], lm), None),
-            ("chi, defaults (ppm)", np.where(plain["mask"], plain["chi"], np.nan), "gray",
-             *window(plain["chi"], plain["mask"]), None)]
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9.5, 13))
+            ("chi, defaults (ppm)", np.where(lm, r["chi"], np.nan), "gray", *window(r["chi"], lm), None)]
+    olm = options["local_mask"]
+    rows.append(("chi, options (ppm)", np.where(olm, options["chi"], np.nan), "gray",
+                 *window(options["chi"], olm), None))
+    if peer is not None:
+        plm = peer["local_mask"]
+        rows.append(("chi, QSM.rs (ppm)", np.where(plm, peer["chi"], np.nan), "gray",
+                     *window(peer["chi"], plm), None))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9.5, 2.6 * len(rows)))
     for ax_row, (title, vol, cmap, lo, hi, outline) in zip(axes, rows):
         im = qc.plot_planes(ax_row, vol, vox, centre, cmap=cmap, vmin=lo, vmax=hi, outline=outline,
                             title=title)
         fig.colorbar(im, ax=ax_row.tolist(), shrink=0.8, pad=0.01)
-    fig.suptitle("Philips 3 T, 2 echoes TE 2.3 / 4.6 ms, 3 mm (NIfTI form): qsmkit run "
-                 f"--apodize 0.5 --steep-field 3 (mask {qc.mask_volume_ml(m, vox):.0f} ml); last row "
-                 f"defaults (inversion {r['inversion']})\nbenchmarks/real_head.py", fontsize=9)
+    fig.suptitle("Philips 3 T, 2 echoes TE 2.3 / 4.6 ms, 3 mm (NIfTI form). Rows 1-4: qsmkit run with "
+                 f"defaults (mask {qc.mask_volume_ml(m, vox):.0f} ml, inversion {r['inversion']});\n"
+                 f"options: {OPTIONS}; QSM.rs: V-SHARP + RTS on the same "
+                 "total field and mask. python -m benchmarks.real_head", fontsize=9)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -97,22 +148,33 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     kept = {}
+    header = (f"{'form':<16}{'mask ml':>9}{'bg mask ml':>11}{'chi p1':>9}{'chi p99':>9}{'ripple':>8}"
+              f"{'rim p1-p99':>11}{'inner p1-p99':>13}{'NRMSE % vs NIfTI':>18}{'seconds':>9}")
+
+    def line(form, r, ref=None):
+        m = r["local_mask"]
+        p1, p99 = np.percentile(r["chi"][m], [1, 99])
+        rim, inner = spreads(r["chi"], m, r["voxel_size"])
+        err = "-" if ref is None else f"{metrics.nrmse(r['chi'], ref['chi'], m & ref['local_mask']):.2f}"
+        print(f"{form:<16}{qc.mask_volume_ml(r['mask'], r['voxel_size']):>9.0f}"
+              f"{qc.mask_volume_ml(m, r['voxel_size']):>11.0f}{p1:>9.3f}{p99:>9.3f}"
+              f"{ripple_sd(r['chi'], m):>8.4f}{rim:>11.3f}{inner:>13.3f}{err:>18}{r['seconds']:>9.1f}")
+
     for setting, (alpha, fence) in SETTINGS.items():
         results = {form: run_form(form, alpha, fence) for form in FORMS}
-        kept[setting] = results["nifti"]
-        ref = results["nifti"]
-        print(f"\n{setting}")
-        print(f"{'form':<16}{'mask ml':>9}{'bg mask ml':>11}{'chi p1':>9}{'chi p99':>9}"
-              f"{'NRMSE % vs NIfTI':>18}{'seconds':>9}")
+        kept[setting] = ref = results["nifti"]
+        print(f"\n{setting}\n{header}")
         for form, r in results.items():
-            m = r["local_mask"]
-            p1, p99 = np.percentile(r["chi"][m], [1, 99])
-            err = metrics.nrmse(r["chi"], ref["chi"], m & ref["local_mask"])
-            print(f"{form:<16}{qc.mask_volume_ml(r['mask'], r['voxel_size']):>9.0f}"
-                  f"{qc.mask_volume_ml(m, r['voxel_size']):>11.0f}{p1:>9.3f}{p99:>9.3f}{err:>18.2f}"
-                  f"{r['seconds']:>9.1f}")
+            line(form, r, None if form == "nifti" else ref)
+    peer = peer_chi(kept["defaults"])
+    if peer is None:
+        print(f"\nQSM.rs not run: {peers.available()}")
+    else:
+        print(f"\nQSM.rs V-SHARP + RTS on the defaults' total field and mask (NIfTI form; chi "
+              f"relative to the mask's mean, not CSF)\n{header}")
+        line("nifti", {**peer, "seconds": float("nan")})
     path = args.figure or os.path.join(args.out, "real_head.png")
-    figure(kept["--apodize 0.5 --steep-field 3"], kept["defaults"], path)
+    figure(kept["defaults"], kept[OPTIONS], peer, path)
     print(f"wrote {path}")
 
 
