@@ -247,6 +247,16 @@ def test_output_set_is_all_new_or_all_old(tmp_path, monkeypatch):
 
 
 def test_signal_during_commit_waits_for_the_whole_set(tmp_path, monkeypatch):
+    # Python's own SIGINT handler, whatever an earlier test or library left installed (a
+    # SIG_IGN inherited that way made this test fail in some orders of the whole suite)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _commit_interrupted_between_moves(tmp_path, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _commit_interrupted_between_moves(tmp_path, monkeypatch):
     folder = tmp_path / "out"
     _old_set(folder, ["a.txt", "b.txt"])
     real_replace = os.replace
