@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks.eval import peers
 from scipy import ndimage
 
-from qsmkit import geometry, io, metrics, qc, scanner
+from qsmkit import geometry, io, masking, metrics, qc, scanner
 from qsmkit.pipeline import PipelineConfig
 from qsmkit.ras_order import run_pipeline_in_ras_order
 
@@ -99,8 +99,7 @@ def window(chi, mask, half=0.12):
 def spreads(chi, mask, voxel_size, rim_mm=6.0):
     """chi's 1st-99th percentile range (ppm) within ``rim_mm`` of the mask's edge and deeper:
     residual background and edge streaks widen the first, not the second."""
-    # distance (mm) to the nearest voxel outside the mask, the volume's border counting as outside
-    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=voxel_size)[1:-1, 1:-1, 1:-1]
+    depth = masking.depth_mm(mask, voxel_size)
     out = []
     for part in (mask & (depth <= rim_mm), mask & (depth > rim_mm)):
         p1, p99 = np.percentile(chi[part], [1, 99])

@@ -77,7 +77,7 @@ def cap_weights(w, m, cap=1.0):
     share = float((w[m] > limit).mean())
     w = xp.minimum(w, limit)
     w /= backend.FLOAT(float(w[m].mean()))
-    return w.astype(backend.FLOAT), share
+    return w.astype(backend.FLOAT, copy=False), share
 
 
 #: PDF's margin of background sources around the mask, mm (``default_pdf_pad``)

@@ -67,7 +67,7 @@ def erode_mm(mask, voxel_size, radius_mm):
     return ndimage.binary_erosion(mask, structure=st, border_value=0)
 
 
-def _ball_distance(mask, voxel_size):
+def depth_mm(mask, voxel_size):
     """Euclidean distance (mm) of every voxel to the nearest voxel outside ``mask``, with a
     frame of outside voxels around the volume (as ``binary_erosion``'s ``border_value=0``)."""
     pad = np.pad(np.asarray(mask, bool), 1)
@@ -88,7 +88,7 @@ def dilate_ball(mask, voxel_size, radius_mm):
 def open_ball(mask, voxel_size, radius_mm):
     """Opening (erosion, then dilation) by the ball of :func:`ellipsoid_structure`, through
     distance transforms; the same voxels as ``binary_opening``."""
-    return dilate_ball(_ball_distance(mask, voxel_size) > radius_mm + 1e-9, voxel_size, radius_mm)
+    return dilate_ball(depth_mm(mask, voxel_size) > radius_mm + 1e-9, voxel_size, radius_mm)
 
 
 def largest_component(mask):
