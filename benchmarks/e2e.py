@@ -3,6 +3,7 @@ simulations of the head model (``benchmarks/e2e_cases.py``), with QSM.rs side by
 truth-substitution rows that show where accuracy is lost. ``make eval-e2e`` runs it:
 
     python -m benchmarks.e2e [--cases 3T-1mm-z ...] [--tfi-on CASE ...] [--peer-pdf-on CASE ...] [--quick]
+                             [--inversion-param KEY=VALUE ...]
 
 (the ``tfi`` rows and QSM.rs' PDF are opt-in per case: each takes many minutes on 2 cores)
 
@@ -54,6 +55,9 @@ OUT = ROOT / "bench-output" / "e2e"
 FIGURE = ROOT / "Resources" / "Screenshots" / "e2e.png"
 PEER_BFR = ("vsharp", "pdf")
 PEER_INV = ("tv", "rts")
+#: parameters of the default inversion in every qsmkit row (``--inversion-param``), as
+#: ``qsmkit run --inversion-param`` passes them: to measure a variant end to end
+INVERSION_PARAMS: dict = {}
 
 
 class ScoreCase:
@@ -133,7 +137,8 @@ def run_stages(c, field_total, weights, mag3, background=None, local=None, local
         if accepts(bg.func, "magnitude"):
             kw["magnitude"] = mag3
         local, local_mask, _ = bg.func(field_total, c.mask, c.voxel_size, c.b0_dir, **kw)
-    chi, _ = INVERSION.get("auto").func(local, local_mask, c.voxel_size, c.b0_dir, magnitude=mag3)
+    chi, _ = INVERSION.get("auto").func(local, local_mask, c.voxel_size, c.b0_dir, magnitude=mag3,
+                                        **INVERSION_PARAMS)
     return np.asarray(chi), np.asarray(local), time.perf_counter() - t0
 
 
@@ -332,7 +337,18 @@ def main(argv=None):
                         "in several processes, then --combine")
     p.add_argument("--combine", nargs="+", metavar="NAME",
                    help="make the table and figure from parts written with --part, run nothing")
+    p.add_argument("--inversion-param", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="parameters of the default inversion in every qsmkit row (values read "
+                        "as JSON, else as text), e.g. noise_laplacian=physical")
     a = p.parse_args(argv)
+    for kv in a.inversion_param:
+        key, sep, val = kv.partition("=")
+        if not sep or not key:
+            p.error(f"--inversion-param: expected KEY=VALUE, got {kv!r}")
+        try:
+            INVERSION_PARAMS[key] = json.loads(val)
+        except json.JSONDecodeError:
+            INVERSION_PARAMS[key] = val
     rows, checks = [], []
     if a.combine:
         for part in a.combine:
@@ -350,7 +366,9 @@ def main(argv=None):
         del c
         if a.part:  # after every case, so a long run keeps what it has
             OUT.mkdir(parents=True, exist_ok=True)
-            (OUT / f"{a.part}.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=1))
+            (OUT / f"{a.part}.json").write_text(json.dumps({"rows": rows, "checks": checks,
+                                                            "inversion_params": INVERSION_PARAMS},
+                                                           indent=1))
     if a.part:
         return
     report(rows, checks, a.no_figure)
@@ -363,7 +381,8 @@ def report(rows, checks, no_figure=False):
     (OUT / "table.md").write_text(text + "\n")
     (OUT / "results.json").write_text(json.dumps({
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}", "rows": rows, "checks": checks}, indent=1))
+        "machine": f"{platform.node()} {platform.machine()}", "inversion_params": INVERSION_PARAMS,
+        "rows": rows, "checks": checks}, indent=1))
     if not no_figure:
         figure(rows, FIGURE)
         print(f"figure: {FIGURE.relative_to(ROOT)}")

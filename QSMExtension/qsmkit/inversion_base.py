@@ -99,20 +99,29 @@ def _interior(m, xp):
     return out
 
 
-def noise_sd(x, mask):
+def noise_sd(x, mask, voxel_size=None):
     """Robust SD of white noise in ``x`` inside ``mask``: 1.4826 x the median absolute deviation
-    of the 7-point Laplacian (variance 42 sigma^2 for white noise) over the mask eroded twice.
-    Smooth signal adds little; edges are outliers that the median ignores."""
+    of the 7-point Laplacian over the mask eroded twice, divided by the Laplacian's gain on white
+    noise (sqrt(42) for the voxel Laplacian). Smooth signal adds little; edges are outliers that
+    the median ignores.
+
+    ``voxel_size`` given: the physical Laplacian, sum_i (x[+1] - 2 x + x[-1]) / d_i^2 (gain
+    sqrt(sum_i 2 / d_i^4 + (sum_i 2 / d_i^2)^2)), which vanishes on harmonic fields at any voxel
+    size. The same estimate as the voxel Laplacian for isotropic voxels; at 0.94 x 0.94 x 2.5 mm
+    the voxel Laplacian counts the smooth field's curvature across the thick slices as noise
+    (2.3x the in-plane estimate on a noise-free local field, 1.35x on a head with known noise,
+    where the physical one returns the added noise's SD; README, "Dipole inversion")."""
     xp = get_array_module(x)
     m = xp.asarray(mask).astype(bool)
-    lap = x * backend.FLOAT(-6)
+    w = [1.0] * x.ndim if voxel_size is None else [1.0 / float(d) ** 2 for d in voxel_size]
+    lap = x * backend.FLOAT(-2 * sum(w))
     for ax in range(x.ndim):
-        lap += xp.roll(x, 1, ax)
-        lap += xp.roll(x, -1, ax)
+        lap += backend.FLOAT(w[ax]) * (xp.roll(x, 1, ax) + xp.roll(x, -1, ax))
+    gain = math.sqrt(sum(2 * wi * wi for wi in w) + (2 * sum(w)) ** 2)
     inner = _interior(_interior(m, xp), xp)
     if int(inner.sum()) < 64:
         inner = m
     v = lap[inner]
     if v.size == 0:
         return 0.0
-    return float(1.4826 * float(xp.median(xp.abs(v - xp.median(v)))) / math.sqrt(42.0))
+    return float(1.4826 * float(xp.median(xp.abs(v - xp.median(v)))) / gain)

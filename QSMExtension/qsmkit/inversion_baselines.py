@@ -276,6 +276,14 @@ def lsqr(field, mask, voxel_size, b0_dir, magnitude=None, max_iter=5, noise=None
 ALPHA_KAPPA = 0.5
 
 
+def alpha_length(voxel_size, kind="geometric"):
+    """h of alpha's rule (mm): the geometric or the harmonic mean voxel size."""
+    d = [float(v) for v in voxel_size]
+    if kind == "harmonic":
+        return len(d) / sum(1.0 / v for v in d)
+    return float(np.prod(d)) ** (1.0 / len(d))
+
+
 def _grad(x, ax, d, xp):
     """Periodic forward difference (x[j + 1] - x[j]) / d along ``ax`` (per mm)."""
     out = backend.periodic_diff(x, ax)
@@ -505,7 +513,8 @@ def _menger_corner(res, reg):
 @INVERSION.register("tv", "TV with MEDI edge mask by ADMM, linear data term (FANSI, Milovic 2018)")
 def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor=15.0, mu2=0.125,
        max_iter=60, tol=5e-3, balance=True, edge_fraction=0.3, edge_weight=0.0, magnitude_weights=True,
-       noise_weights=None, lcurve_alphas=None, lcurve_iter=30, pad_mm=10.0):
+       noise_weights=None, lcurve_alphas=None, lcurve_iter=30, pad_mm=10.0, noise_laplacian="voxel",
+       alpha_h="geometric"):
     """TV-regularised dipole inversion with a magnitude edge mask, by ADMM (module docstring, eq. 1).
 
     Parameters
@@ -522,6 +531,10 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
         challenge, our phantom; kappa 0.5 / 1 / 2 / 4 gave head 27.4 / 29.5 / 33.8 / 39.2 % and
         2016 88.1 / 83.6 / 81.5 / 82.0 % vs chi_33 with deep-gray ROI slopes 0.94 / 0.88 / 0.78 /
         0.65: the smallest kappa keeps the deep-gray contrast).
+        ``noise_laplacian``: "physical" (sigma from the Laplacian per mm^2, ``noise_sd`` with the
+        voxel size) or "voxel" (per voxel); the same for isotropic voxels.
+        ``alpha_h``: h = the "geometric" or the "harmonic" mean voxel size (3 / sum_i 1/d_i: the
+        noise's expected TV per voxel is proportional to sum_i sigma / d_i).
         ``"lcurve"``: chosen at the L-curve corner over ``lcurve_alphas`` (default 7 values,
         log-spaced 1e-4 ... 1e-2), ``lcurve_iter`` ADMM iterations per value (warm starts),
         then ``max_iter`` at the chosen value.
@@ -560,6 +573,10 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     for name, val in (("max_iter", max_iter), ("lcurve_iter", lcurve_iter)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
             raise QSMInputError(f"tv: {name} must be a positive integer, got {val!r}")
+    if noise_laplacian not in ("physical", "voxel"):
+        raise QSMInputError(f"tv: noise_laplacian must be 'physical' or 'voxel', got {noise_laplacian!r}")
+    if alpha_h not in ("geometric", "harmonic"):
+        raise QSMInputError(f"tv: alpha_h must be 'geometric' or 'harmonic', got {alpha_h!r}")
     if not (_real(edge_fraction) and 0 <= edge_fraction < 1):
         raise QSMInputError(f"tv: edge_fraction must be in [0, 1), got {edge_fraction!r}")
     if not (_real(edge_weight) and 0 <= edge_weight <= 1):
@@ -580,10 +597,11 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     curve = None
     sigma = None
     if rule:
-        sigma = noise_sd(delta, grid.put(m, dtype=bool))
+        sigma = noise_sd(delta, grid.put(m, dtype=bool),
+                         voxel_size=vox if noise_laplacian == "physical" else None)
         if not (math.isfinite(sigma) and sigma > 0):
             sigma = 1e-3 * float(xp.std(delta[grid.put(m, dtype=bool)]))
-        alpha = ALPHA_KAPPA * sigma * float(np.prod(vox)) ** (1 / 3)
+        alpha = ALPHA_KAPPA * sigma * alpha_length(vox, alpha_h)
     if auto:
         grid_a = (np.logspace(-4, -2, 7) if lcurve_alphas is None
                   else np.asarray(lcurve_alphas, dtype=float))
@@ -611,6 +629,9 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     info = {"method": "tv", "alpha": alpha,
             "alpha_from": "l-curve" if auto else ("noise rule" if rule else "given"),
             "noise_sd_ppm": sigma, "alpha_kappa": ALPHA_KAPPA if rule else None,
+            "noise_laplacian": noise_laplacian if rule else None,
+            "alpha_h": alpha_h if rule else None,
+            "alpha_h_mm": alpha_length(vox, alpha_h) if rule else None,
             "mu1_start": float(mu1_factor) * alpha, "mu2_start": float(mu2), "mu1": state.mu1,
             "mu2": state.mu2, "balance": bool(balance), "penalty_changes": changes,
             "iterations": it, "max_iter": int(max_iter), "stopped_by": stop, "tol": float(tol),

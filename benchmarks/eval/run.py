@@ -37,6 +37,11 @@ VARIANTS = {
     "tv-edge-0.15": ("tv", {"edge_fraction": 0.15}),
     "tv-iter100": ("tv", {"max_iter": 100}),
     "tv-nobalance": ("tv", {"balance": False}),
+    # alpha's noise SD from the physical Laplacian (per mm^2) and h the geometric / harmonic
+    # mean voxel size; the former rule: the voxel Laplacian, geometric mean
+    "tv-physlap": ("tv", {"noise_laplacian": "physical", "alpha_h": "geometric"}),
+    "tv-physlap-harm": ("tv", {"noise_laplacian": "physical", "alpha_h": "harmonic"}),
+    "tv-voxlap": ("tv", {"noise_laplacian": "voxel", "alpha_h": "geometric"}),
     "l2": ("l2", {}),
     # FOCUSS at a fixed edge trust t (``focuss.rule_parameters``), the sweep that chose SNR_HIGH
     **{f"focuss-t{t:g}": ("focuss", {"edge_trust": t}) for t in (0.0, 0.21, 0.45, 0.6, 0.8, 1.0)},
