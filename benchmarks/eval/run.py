@@ -42,6 +42,9 @@ VARIANTS = {
     "tv-physlap": ("tv", {"noise_laplacian": "physical", "alpha_h": "geometric"}),
     "tv-physlap-harm": ("tv", {"noise_laplacian": "physical", "alpha_h": "harmonic"}),
     "tv-voxlap": ("tv", {"noise_laplacian": "voxel", "alpha_h": "geometric"}),
+    # and the edge share scaled with the mean voxel edge (``inversion_baselines.edge_share``)
+    "tv-aniso": ("tv", {"noise_laplacian": "physical", "edge_fraction": "voxel"}),
+    "tv-edge-voxel": ("tv", {"edge_fraction": "voxel"}),
     "l2": ("l2", {}),
     # FOCUSS at a fixed edge trust t (``focuss.rule_parameters``), the sweep that chose SNR_HIGH
     **{f"focuss-t{t:g}": ("focuss", {"edge_trust": t}) for t in (0.0, 0.21, 0.45, 0.6, 0.8, 1.0)},
