@@ -116,7 +116,11 @@ def noise_sd(x, mask, voxel_size=None):
     w = [1.0] * x.ndim if voxel_size is None else [1.0 / float(d) ** 2 for d in voxel_size]
     lap = x * backend.FLOAT(-2 * sum(w))
     for ax in range(x.ndim):
-        lap += backend.FLOAT(w[ax]) * (xp.roll(x, 1, ax) + xp.roll(x, -1, ax))
+        if voxel_size is None:
+            lap += xp.roll(x, 1, ax)
+            lap += xp.roll(x, -1, ax)
+        else:
+            lap += backend.FLOAT(w[ax]) * (xp.roll(x, 1, ax) + xp.roll(x, -1, ax))
     gain = math.sqrt(sum(2 * wi * wi for wi in w) + (2 * sum(w)) ** 2)
     inner = _interior(_interior(m, xp), xp)
     if int(inner.sum()) < 64:
