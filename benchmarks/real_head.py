@@ -4,11 +4,11 @@ dcm2niix NIfTI), with the defaults and with the two options this protocol needs
 (``--apodize 0.5 --steep-field 3``: a Tukey k-space window against the Gibbs rings of its
 80-point elliptical k-space, and the steepest-field voxels next to the sinuses left out before
 background removal), and with ``--background vsharp`` (V-SHARP, whose erosion of the mask
-drops the outer rim that the other methods must attribute); the plausibility checks of the data set's README, and the README figure
-(magnitude with the mask outline, total field, local field, chi; three planes). About 1.5 min
-on 2 cores. Beside them, the peer QSM.rs (``../shared/peers/qsmrs``: V-SHARP then RTS, its
-library defaults) on the same total field and mask, so that what is the data's and what is ours
-can be told apart. Run from the repository root:
+drops the outer rim that the other methods must attribute); the plausibility checks of the
+data set's README, and the README figure (magnitude with the mask outline, total field, local
+field, chi; three planes). About 2 min on 2 cores. Beside them, the peer QSM.rs
+(``../shared/peers/qsmrs``: V-SHARP then RTS, its library defaults) on the same total field
+and mask, so that what is the data's and what is ours can be told apart. Run from the repository root:
 
     python -m benchmarks.real_head [--out bench-output/real_head] [--figure PATH]
 
