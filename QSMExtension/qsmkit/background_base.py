@@ -192,7 +192,8 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
         p += r
         rr = rr_new
         it += 1
-        change = abs(alpha) * dot(q, q) ** 0.5 / max(dot(local_big, local_big) ** 0.5, 1e-30)
+        if it >= int(min_iter):  # the change only decides once min_iter is reached
+            change = abs(alpha) * dot(q, q) ** 0.5 / max(dot(local_big, local_big) ** 0.5, 1e-30)
     local = xp.ascontiguousarray(crop_to(local_big, f.shape), dtype=backend.FLOAT)
     return local, m, {"iterations": it, "relative_change": round(change, 5),
                       "relative_residual": round((rr / rr0) ** 0.5 if rr0 else 0.0, 6),
