@@ -19,7 +19,7 @@ from .errors import QSMInputError
 from .registry import Registry
 
 #: ``auto`` is ``tfi-fast`` (module ``tfi``): on the end-to-end benchmark's full simulations it
-#: gives 37 % chi NRMSE against PDF's 45 % (3 T, 1 mm), at 0.7-3.4x PDF's CPU time
+#: gives 37 % chi NRMSE against PDF's 45 % (3 T, 1 mm), at 0.8-2.7x PDF's CPU time
 #: (``benchmarks/background_time.py``). PDF, the original method, stays a choice
 #: (``--background pdf``).
 BACKGROUND = Registry("background", default="tfi-fast")

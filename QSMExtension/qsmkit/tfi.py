@@ -49,7 +49,7 @@ noise weights can be capped at their median (``weight_cap``, opt-in, see ``tfi_f
 head model at 1.28 mm (``Testing/test_headmodel.py``, 2 cores): ``tfi`` 16.9 / 8.5 %
 (mask / eroded), ``tfi-fast`` 19.9 / 9.2 % (with SNR-100 phase noise 22.2 / 12.8 %, as
 ``tfi``), PDF 42.8 / 27.6 %. Its time against PDF's (``benchmarks/background_time.py``, CPU
-seconds): 0.7x on the 256x256x64 phantom, about 3.3x on a 1 mm head cropped to the brain, where
+seconds): 0.8x on the 256x256x64 phantom, about 2.7x on a 1 mm head cropped to the brain, where
 PDF stops after 24 iterations. On the end-to-end benchmark's full simulations
 (``benchmarks/e2e.py``) it is within 1 point of ``tfi``'s chi NRMSE. Settings slower than 30
 iterations first pass through a transient (ADMM's error grows again between about 40 and 80
@@ -467,7 +467,7 @@ def tfi(field, mask, voxel_size, b0_dir, weights=None, magnitude=None, lam=3e-4,
                 max_iter, pad, relax, None)
 
 
-@BACKGROUND.register("tfi-fast", "tfi's model at a fraction of its time (0.7-3.4x PDF's): 30 "
+@BACKGROUND.register("tfi-fast", "tfi's model at a fraction of its time (0.8-2.7x PDF's): 30 "
                                  "over-relaxed ADMM iterations on the brain's bounding box")
 def tfi_fast(field, mask, voxel_size, b0_dir, weights=None, magnitude=None, lam=3e-4,
              edge_fraction=0.3, rho=0.05, max_iter=30, pad=None, relax=1.7, box_mm=8.0,
