@@ -296,3 +296,55 @@ def test_tfi_edge_mask_inside_only_ignores_the_mask_boundary():
         assert abs(free[mask].mean() - 0.3) < 0.01
     assert default[rim].mean() > 0.7, default[rim].mean()
     assert inside[rim].mean() < 0.4, inside[rim].mean()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tfi_fused_admm_matches_the_array_code(dtype):
+    """The numba kernel that fuses an ADMM iteration's work between its FFTs
+    (``tfi._admm_points_py``) against the whole-array code it replaces on the CPU
+    (``tfi._admm_step_xp``, cupy's path): one step on random arrays with a periodic wrap on every
+    axis agrees to rounding, and ``tfi-fast`` on the analytic scene gives the same local field
+    either way (local-field NRMSE against the truth: measured 6.38 % in float32, 6.32 % in
+    float64)."""
+    from qsmkit import backend, tfi
+
+    rng = np.random.default_rng(3)
+    shape = (7, 6, 5)
+
+    def arrays():
+        a = [rng.standard_normal(s + shape).astype(dtype) for s in ((), (), (), (), (3,), (3,))]
+        pen = (rng.random((3,) + shape) > 0.3).astype(dtype)
+        w2f, u_den = rng.standard_normal(shape).astype(dtype), rng.random(shape).astype(dtype)
+        consts = [dtype(x) for x in (0.05, 1.7, -0.7, 0.3)]
+        return a + [pen, w2f, u_den] + consts + [np.zeros(shape, dtype), np.zeros(shape, dtype)]
+
+    state = rng.bit_generator.state
+    ref = arrays()
+    rng.bit_generator.state = state
+    out = arrays()
+    tfi._admm_step_xp(*ref)
+    tfi._admm_kernel()(*out)
+    names = "chi dchi u eta g nu pen w2f u_den rho a b thr buf r".split()
+    for name, x, y in zip(names, ref, out):
+        if isinstance(x, np.ndarray) and name != "dchi":  # dchi: scratch in the array code
+            np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * max(1.0, np.abs(x).max()),
+                                       err_msg=name)
+    assert np.abs(out[-1]).max() > 0.1  # grad^T (g + nu) was formed
+
+    voxel = (2.0, 2.0, 2.0)
+    total, local, _, mask = scene(voxel)
+    func = background.BACKGROUND.get("tfi-fast").func
+    admm = tfi._admm
+    res = {}
+    try:
+        with backend.precision(dtype):
+            for fused in (False, True):
+                tfi._admm = lambda *a, fused=fused: admm(*a, fused=fused)
+                res[fused] = func(total, mask, voxel, (0, 0, 1), magnitude=mask + 1.0)[0]
+    finally:
+        tfi._admm = admm
+    assert res[True].dtype == dtype
+    e = metrics.nrmse(res[True], local, mask)
+    assert np.linalg.norm(res[True] - res[False]) < 1e-4 * np.linalg.norm(res[False])
+    print(f"tfi-fast on the scene ({np.dtype(dtype).name}): local-field NRMSE {e:.2f} %")
+    assert 5.5 < e < 7.2, e

@@ -135,10 +135,10 @@ def test_tfi_beats_the_harmonic_floor(head, gre, pdf_of_total, noisy, bars):
 def test_tfi_fast_close_to_tfi_at_pdf_cost(head, gre):
     """tfi-fast (30 over-relaxed iterations on the brain's bounding box) on the noisy head
     model: measured 22.2 / 12.8 %, as tfi's about 20 / 13 % (noise-free 19.9 / 9.2 % against
-    tfi's 16.9 / 8.5 %; PDF 45 / 31 % noisy). Its ADMM does 1.3x the FFT work of the PDF it
-    starts from (voxel-FFTs: PDF 2 per iteration on its grid, ADMM 4 per iteration on the box's
-    grid; 1.9x when the start stopped by PDF's own rule, after 24); tfi's 200 iterations on the
-    whole grid do 17x."""
+    tfi's 16.9 / 8.5 %; PDF 45 / 31 % noisy). Its ADMM does 1.5x the FFT work of the PDF it
+    starts from (voxel-FFTs: PDF 2 per iteration on its grid, ADMM 4 per iteration, none in the
+    first, on the box's grid; measured 1.48, 2.2x were the start stopped by PDF's own rule,
+    after 24); tfi's 200 iterations on the whole grid do 17x."""
     from qsmkit import tfi
 
     hm, eroded = head

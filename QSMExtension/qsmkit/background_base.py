@@ -19,7 +19,7 @@ from .errors import QSMInputError
 from .registry import Registry
 
 #: ``auto`` is ``tfi-fast`` (module ``tfi``): on the end-to-end benchmark's full simulations it
-#: gives 37 % chi NRMSE against PDF's 45 % (3 T, 1 mm), at 0.7-3.4x PDF's CPU time
+#: gives 37 % chi NRMSE against PDF's 45 % (3 T, 1 mm), at 0.8-2.7x PDF's CPU time
 #: (``benchmarks/background_time.py``). PDF, the original method, stays a choice
 #: (``--background pdf``).
 BACKGROUND = Registry("background", default="tfi-fast")
@@ -192,7 +192,8 @@ def pdf(field, mask, voxel_size, b0_dir, weights=None, pad=None, tol=0.05, max_i
         p += r
         rr = rr_new
         it += 1
-        change = abs(alpha) * dot(q, q) ** 0.5 / max(dot(local_big, local_big) ** 0.5, 1e-30)
+        if it >= int(min_iter):  # the change only decides once min_iter is reached
+            change = abs(alpha) * dot(q, q) ** 0.5 / max(dot(local_big, local_big) ** 0.5, 1e-30)
     local = xp.ascontiguousarray(crop_to(local_big, f.shape), dtype=backend.FLOAT)
     return local, m, {"iterations": it, "relative_change": round(change, 5),
                       "relative_residual": round((rr / rr0) ** 0.5 if rr0 else 0.0, 6),
