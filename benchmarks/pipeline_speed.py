@@ -1,4 +1,6 @@
-"""Whole-pipeline benchmark: mask -> unwrap -> PDF -> FOCUSS with the magnitude prior on the
+"""Whole-pipeline benchmark of ``run_pipeline``'s default stages.
+
+Surface mask -> ROMEO unwrap and field fit -> tfi-fast -> tv with the magnitude's edges, on the
 built-in phantom at 256x256x64 and at 1 mm whole-brain size (224x224x160), on the CPU and, when
 cupy sees one, on the GPU.
 
