@@ -117,23 +117,20 @@ def figure(plain, options, vsharp, peer, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def chi_row(label, res):
+        """chi inside the result's own local mask, grey window about its median."""
+        cm = res["local_mask"]
+        return (f"chi, {label} (ppm)", np.where(cm, res["chi"], np.nan), "gray", *window(res["chi"], cm),
+                None)
+
     r = plain
     vox, m, lm = r["voxel_size"], r["mask"], r["local_mask"]
     centre = qc.centre_of(m)
     rows = [("magnitude + mask", r["magnitude"], "gray", 0, float(np.percentile(r["magnitude"], 99.5)), m),
             ("total field (ppm)", np.where(m, r["field_total"], np.nan), "RdBu_r", -1.0, 1.0, None),
-            ("local field (ppm)", np.where(lm, r["field_local"], np.nan), "RdBu_r", -0.04, 0.04, None),
-            ("chi, defaults (ppm)", np.where(lm, r["chi"], np.nan), "gray", *window(r["chi"], lm), None)]
-    olm = options["local_mask"]
-    rows.append(("chi, options (ppm)", np.where(olm, options["chi"], np.nan), "gray",
-                 *window(options["chi"], olm), None))
-    vlm = vsharp["local_mask"]
-    rows.append(("chi, V-SHARP (ppm)", np.where(vlm, vsharp["chi"], np.nan), "gray",
-                 *window(vsharp["chi"], vlm), None))
-    if peer is not None:
-        plm = peer["local_mask"]
-        rows.append(("chi, QSM.rs (ppm)", np.where(plm, peer["chi"], np.nan), "gray",
-                     *window(peer["chi"], plm), None))
+            ("local field (ppm)", np.where(lm, r["field_local"], np.nan), "RdBu_r", -0.04, 0.04, None)]
+    chis = [("defaults", plain), ("options", options), ("V-SHARP", vsharp), ("QSM.rs", peer)]
+    rows += [chi_row(label, res) for label, res in chis if res is not None]
     fig, axes = plt.subplots(len(rows), 3, figsize=(9.5, 2.6 * len(rows)))
     for ax_row, (title, vol, cmap, lo, hi, outline) in zip(axes, rows):
         im = qc.plot_planes(ax_row, vol, vox, centre, cmap=cmap, vmin=lo, vmax=hi, outline=outline,
