@@ -188,6 +188,19 @@ def test_ge_milliradians_and_real_imaginary_exports(philips, tmp_path):
 # ----------------------------------------------------------------------------- the real head end to end
 
 
+def run_real_head(out, form, *options):
+    """``qsmkit run`` on one form of the real head into ``out``: (sidecar, chi, mask > 0), the
+    maps in the closest-to-RAS voxel order so that the forms compare voxel for voxel."""
+    from qsmkit.cli import main
+
+    assert main(["run", "--dicom", str(shared(PHILIPS, form)), "--out", str(out), *options,
+                 "--quiet"]) in (0, None)
+    side = json.loads((out / "chi.json").read_text())
+    chi, mask = (np.asarray(nib.as_closest_canonical(nib.load(str(out / f"{n}.nii.gz"))).dataobj)
+                 for n in ("chi", "mask"))
+    return side, chi, mask > 0
+
+
 @pytest.mark.shared_data
 def test_real_head_pipeline_from_three_forms(tmp_path):
     """``qsmkit run`` with its defaults on the three forms, and the plausibility checks of the
@@ -198,20 +211,14 @@ def test_real_head_pipeline_from_three_forms(tmp_path):
     chi 0.37 % apart (NRMSE; 0.23 % before the mask became the surface mesh's interior, 8 voxels
     differ), p1..p99 -0.22..0.19 ppm. Before: 10 mask voxels, 23-25 % apart."""
     from qsmkit import metrics
-    from qsmkit.cli import main
 
     maps = {}
     for form in ("dicom-classic", "dicom-enhanced", "nifti"):
         out = tmp_path / form
-        assert main(["run", "--dicom", str(shared(PHILIPS, form)), "--out", str(out),
-                     "--quiet"]) in (0, None)
-        side = json.loads((out / "chi.json").read_text())
+        side, chi, mask = run_real_head(out, form)
         assert side["inputs"]["voxel_order"]["processed"] == "RAS"
         assert side["inputs"]["phase_scaling"]["name"] == "radians"
         assert (out / "mask_qc.png").stat().st_size > 10_000
-        chi, mask = (np.asarray(nib.as_closest_canonical(nib.load(str(out / f"{n}.nii.gz"))).dataobj)
-                     for n in ("chi", "mask"))
-        mask = mask > 0
         litres = mask.sum() * 27e-6  # 3 mm voxels
         p1, p99 = np.percentile(chi[mask], [1, 99])
         print(f"{form}: mask {litres:.3f} l ({side['mask_volume_ml']} ml), chi p1..p99 "
@@ -236,21 +243,17 @@ def test_real_head_pdf_with_a_set_count_does_not_move_with_rounding(tmp_path):
     levels off and moves with rounding there: chi 28.2 % apart (README, ``pdf``). The README's
     workaround, ``tfi-fast``'s start rule (at least 35 iterations, then 15 %), measured 1.6 %."""
     from qsmkit import metrics
-    from qsmkit.cli import main
 
     maps = {}
     for form in ("dicom-classic", "nifti"):
-        out = tmp_path / form
-        assert main(["run", "--dicom", str(shared(PHILIPS, form)), "--out", str(out),
-                     "--background", "pdf", "--background-param", "min_iter=35",
-                     "--background-param", "tol=0.15", "--quiet"]) in (0, None)
-        side = json.loads((out / "chi.json").read_text())
+        side, chi, mask = run_real_head(tmp_path / form, form, "--background", "pdf",
+                                        "--background-param", "min_iter=35",
+                                        "--background-param", "tol=0.15")
         bg = next(s for s in side["stages"] if s["stage"] == "background")
         assert bg["info"]["iterations"] >= 35
-        maps[form] = [np.asarray(nib.as_closest_canonical(nib.load(str(out / f"{n}.nii.gz"))).dataobj)
-                      for n in ("chi", "mask")]
+        maps[form] = chi, mask
     (chi, mask), (ref, ref_mask) = maps["dicom-classic"], maps["nifti"]
-    err = metrics.nrmse(chi, ref, (mask > 0) & (ref_mask > 0))
+    err = metrics.nrmse(chi, ref, mask & ref_mask)
     print(f"--background pdf with a set count, classic DICOM vs NIfTI: chi NRMSE {err:.2f} %")
     assert err < 5.0  # measured 1.6
 
