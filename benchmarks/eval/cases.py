@@ -243,9 +243,9 @@ def _head_integrated(vox=(0.9375, 0.9375, 2.5), b0=(0.0, 0.0, 1.0), tag="z"):
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
+    from benchmarks.e2e_cases import _block_mode
     from scipy import ndimage
 
-    from benchmarks.e2e_cases import _block_mode
     from qsmkit import units
     from qsmkit.dipole import forward_field
     from qsmkit.simulate import block_mean, integrate_echo
