@@ -83,9 +83,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(cases.ALL), choices=cases.ALL)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(VARIANTS))
-    p.add_argument("--peers", nargs="*", default=list(peers.DEFAULT_DIPOLE), choices=peers.DIPOLE)
+    p.add_argument("--peers", nargs="*", default=None, choices=peers.DIPOLE,
+                   help=f"QSM.rs methods (default, and a bare --peers: {' '.join(peers.DEFAULT_DIPOLE)})")
+    p.add_argument("--no-peers", action="store_true", help="run no QSM.rs method")
     p.add_argument("--out", default=str(ROOT / "bench-output" / "eval"))
     a = p.parse_args(argv)
+    a.peers = [] if a.no_peers else (a.peers or list(peers.DEFAULT_DIPOLE))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     why = peers.available()
