@@ -127,3 +127,33 @@ def test_periodic_diff_matches_roll_and_is_its_adjoints_adjoint():
         lhs = np.vdot(backend.periodic_diff(x, ax), y)
         rhs = np.vdot(x, backend.periodic_diff_adjoint(y, ax))
         assert abs(lhs - rhs) < 1e-12 * abs(lhs)
+
+
+def _square_py(x):
+    return x * x
+
+
+def _sum_of_squares_py(a):
+    s = 0.0
+    for v in a:
+        s += _square_py(v)
+    return s
+
+
+def test_numba_kernels_compile_helpers_before_the_kernel_that_calls_them():
+    """The kernel calls its helper through the module global: the helper must be rebound to a
+    jitted function first, or numba cannot compile the kernel (it rejects a plain Python call
+    in nopython mode). The compiled result equals the Python loop's."""
+    pytest.importorskip("numba", reason="numba is not installed on this machine")
+    kernels = backend.NumbaKernels(globals(), {"sum": _sum_of_squares_py}, helpers=("_square_py",))
+    a = np.linspace(-2.0, 3.0, 101)
+    try:
+        compiled = kernels.get()
+        assert compiled["sum"](a) == pytest.approx(float(np.sum(a * a)), rel=1e-12)
+        assert kernels.get() is compiled  # compiled once
+        assert globals()["_square_py"] is not _square_py_plain
+    finally:
+        globals()["_square_py"] = _square_py_plain
+
+
+_square_py_plain = _square_py

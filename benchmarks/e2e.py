@@ -76,10 +76,14 @@ class ScoreCase:
         self.vessel = None
 
 
-def r2star_map(c):
-    from qsmkit.reference import r2star_map
+def auto_csf(c):
+    """The automatic CSF mask and its record, found as ``qsmkit run`` finds it
+    (``qsmkit.reference.find_reference("auto", ...)``: from R2* with two or more echoes, else from
+    the magnitude; the whole mask if no CSF is found)."""
+    from qsmkit.reference import find_reference
 
-    return r2star_map(c.magnitude, c.te, c.mask)
+    region, info = find_reference("auto", c.mask, c.voxel_size, magnitude=c.magnitude, te=c.te)
+    return region, info.get("csf", info)
 
 
 def auto_csf_scores(chi, c, csf_mask):
@@ -192,11 +196,11 @@ def peer(c, stage, method, data, mask, tag):
 def evaluate(c, with_tfi=True, peer_pdf=True, log=print, quick=False):
     """Rows (one per pipeline) and the case's field checks; ``quick``: the default pipeline and
     the truth-substitution rows only."""
-    from qsmkit import csf, metrics
+    from qsmkit import metrics
     from qsmkit.background import BACKGROUND
 
     sc = ScoreCase(c)
-    auto_csf, csf_info = csf.csf_mask(c.mask, c.voxel_size, r2star=r2star_map(c))
+    auto_csf_region, csf_info = auto_csf(c)
     rows = []
 
     def add(name, chi, seconds, local=None, kind="qsmkit"):
@@ -204,7 +208,7 @@ def evaluate(c, with_tfi=True, peer_pdf=True, log=print, quick=False):
         s = score.score(chi, sc, "chi")
         row.update({k: s.get(k) for k in ("nrmse", "xsim", "nrmse_dgm", "roi_slope", "roi_mae_ppb",
                                            "roi_means_ppb", "roi_truth_ppb")})
-        row.update(auto_csf_scores(chi, c, auto_csf))
+        row.update(auto_csf_scores(chi, c, auto_csf_region))
         if local is not None:
             row["local_nrmse"] = metrics.nrmse(local, c.field_local, c.mask)
         rows.append(row)
@@ -322,7 +326,9 @@ def figure(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = list(e2e_cases.CASES) + list(e2e_cases.QSMFORWARD_CASES)
-    p.add_argument("--cases", nargs="+", default=names, choices=names)
+    p.add_argument("--cases", nargs="+", default=names, choices=names + list(e2e_cases.HELDOUT_CASES),
+                   help="default: the five cases of the README table; also the held-out geometries "
+                        "of e2e_cases.HELDOUT_CASES, by name")
     p.add_argument("--tfi-on", nargs="*", default=[],
                    help="cases with a tfi (200 iterations) row (opt-in: minutes per case)")
     p.add_argument("--peer-pdf-on", nargs="*", default=[],

@@ -30,6 +30,14 @@ the y-z plane of the voxel axes. Echoes: 3 T 4/12/20/28 ms, 7 T 3/8/13/18 ms. No
 cases chose a constant of the pipeline's default (those were chosen on the 1.28 mm head model
 with the true total field, and on the 2016 challenge and the phantom), so all are held out.
 
+Held-out geometries (``HELDOUT_CASES``, not in ``make eval-e2e``'s default list; run them by
+name): 3 T 1 mm with B0 tilted 20 degrees and 3 T 0.94 x 0.94 x 2.5 mm along z (the two
+combinations the cases above leave out), and, added on 2026-12-07 to check the claims outside
+the voxel sizes the constants were set at, voxel sizes, noise levels and echo counts that no
+case above has: 3 T 1.5 mm isotropic with B0 tilted 20 degrees, SNR 50, three echoes
+(5/15/25 ms); 3 T 2 mm isotropic along z; 3 T 1 mm along z with a single echo (20 ms); 7 T
+1.2 x 1.2 x 2 mm tilted, SNR 40, three echoes (4/10/16 ms). Sub-voxels of 0.6-0.75 mm.
+
 A QSM-CI-style case (``QSMFORWARD_CASES``, ``build_qsmforward``) takes the acquisition from
 qsm-forward (PyPI, the simulator behind the QSM-CI leaderboard's data) instead of ours, at its
 defaults (7 T, TE 4/12/20/28 ms, TR 50 ms, flip 15 degrees, 1 mm, B0 along z): the native total
@@ -63,10 +71,22 @@ NATIVE_MM = 0.64
 SNR = 100.0
 TILT_DEG = 20.0
 TE = {3.0: (0.004, 0.012, 0.020, 0.028), 7.0: (0.003, 0.008, 0.013, 0.018)}
-GEOMETRY = {"1mm": ((1.0, 1.0, 1.0), (2, 2, 2)), "aniso": ((0.9375, 0.9375, 2.5), (2, 2, 4))}
+GEOMETRY = {"1mm": ((1.0, 1.0, 1.0), (2, 2, 2)), "aniso": ((0.9375, 0.9375, 2.5), (2, 2, 4)),
+            "1.5mm": ((1.5, 1.5, 1.5), (2, 2, 2)), "2mm": ((2.0, 2.0, 2.0), (3, 3, 3)),
+            "1.2x1.2x2mm": ((1.2, 1.2, 2.0), (2, 2, 3))}
 #: name -> (B0 tesla, geometry, B0 tilt in degrees)
 CASES = {"3T-1mm-z": (3.0, "1mm", 0.0), "7T-1mm-z": (7.0, "1mm", 0.0),
          "3T-aniso-tilt": (3.0, "aniso", TILT_DEG), "7T-aniso-tilt": (7.0, "aniso", TILT_DEG)}
+#: held-out geometries (module docstring): name -> (B0 tesla, geometry, B0 tilt in degrees, SNR,
+#: echo times s)
+HELDOUT_CASES = {
+    "3T-1mm-tilt": (3.0, "1mm", TILT_DEG, SNR, TE[3.0]),
+    "3T-aniso-z": (3.0, "aniso", 0.0, SNR, TE[3.0]),
+    "3T-1.5mm-tilt-snr50-3echo": (3.0, "1.5mm", TILT_DEG, 50.0, (0.005, 0.015, 0.025)),
+    "3T-2mm-z": (3.0, "2mm", 0.0, SNR, TE[3.0]),
+    "3T-1mm-z-1echo": (3.0, "1mm", 0.0, SNR, (0.020,)),
+    "7T-1.2x1.2x2mm-tilt-snr40-3echo": (7.0, "1.2x1.2x2mm", TILT_DEG, 40.0, (0.004, 0.010, 0.016)),
+}
 #: QSM-CI-style cases (qsm-forward's acquisition): name -> (B0 tesla, voxel size mm, echo times s)
 QSMFORWARD_CASES = {"qsmforward-7T-1mm": (7.0, (1.0, 1.0, 1.0), (0.004, 0.012, 0.020, 0.028))}
 #: T1 (s) per head-model label at 7 T for qsm-forward's spoiled-GRE signal, rounded from
@@ -157,14 +177,18 @@ def _block_mode(lab, fac, n_lab):
 
 
 def build(name, progress=print) -> E2ECase:
-    """Simulate case ``name`` (a key of ``CASES``); see the module docstring."""
+    """Simulate case ``name`` (a key of ``CASES`` or ``HELDOUT_CASES``); see the module
+    docstring."""
     from scipy import ndimage
 
     from qsmkit import units
     from qsmkit.headmodel import GRE_TISSUE_3T
     from qsmkit.simulate import block_mean, integrate_echo, smooth_phase_offset
 
-    b0, geom, tilt = CASES[name]
+    if name in HELDOUT_CASES:
+        b0, geom, tilt, snr, te = HELDOUT_CASES[name]
+    else:
+        (b0, geom, tilt), snr, te = CASES[name], SNR, TE[CASES[name][0]]
     vox, fac = GEOMETRY[geom]
     b0_dir = b0_direction(tilt)
     t0 = time.perf_counter()
@@ -179,7 +203,6 @@ def build(name, progress=print) -> E2ECase:
     fine_vox = [v / f for v, f in zip(vox, fac)]
     # fine voxel centres (mm, native frame; native voxel i is centred at i * 0.64 mm)
     axes = [lo + (np.arange(n * f) + 0.5) * d for lo, n, f, d in zip(lo_mm, shape, fac, fine_vox)]
-    te = TE[b0]
     n_lab = max(GRE_TISSUE_3T) + 1
     pd_lut, r2_lut = _tissue_luts(b0)
     omega = 2 * np.pi * units.larmor_hz(b0) * 1e-6
@@ -209,7 +232,7 @@ def build(name, progress=print) -> E2ECase:
     offset = smooth_phase_offset(shape, vox).astype(np.float32)
     rng = np.random.default_rng(17)
     noisy = sig * np.exp(1j * offset)[..., None]
-    noisy += (rng.standard_normal(sig.shape) + 1j * rng.standard_normal(sig.shape)).astype(np.complex64) / SNR
+    noisy += (rng.standard_normal(sig.shape) + 1j * rng.standard_normal(sig.shape)).astype(np.complex64) / snr
     mask = out["mask"] > 0.5
     return E2ECase(name=name, magnitude=np.abs(noisy).astype(np.float32),
                    phase=np.angle(noisy).astype(np.float32), te=te, b0=b0, voxel_size=tuple(vox),

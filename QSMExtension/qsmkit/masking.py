@@ -45,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from . import backend
 from .errors import QSMInputError
 from .registry import Registry
 
@@ -214,7 +215,7 @@ def _trilinear_py(img, px, py, pz):
     return val
 
 
-_trilinear = _trilinear_py  # numba-compiled by ``_evolve_kernel`` before the kernel that calls it
+_trilinear = _trilinear_py  # numba-compiled by ``_KERNELS`` before the kernel that calls it
 
 
 def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, params, iters):
@@ -326,21 +327,7 @@ def _evolve_py(r, dirs, faces, vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox, img, pa
     return done
 
 
-_EVOLVE = []
-
-
-def _evolve_kernel():
-    """numba-compiled ``_evolve_py`` (cached on disk); the Python function without numba."""
-    if not _EVOLVE:
-        try:
-            import numba
-        except ImportError:  # pragma: no cover - numba is a dependency
-            _EVOLVE.append(_evolve_py)
-        else:
-            global _trilinear
-            _trilinear = numba.njit(cache=True, nogil=True)(_trilinear_py)
-            _EVOLVE.append(numba.njit(cache=True, nogil=True)(_evolve_py))
-    return _EVOLVE[0]
+_KERNELS = backend.NumbaKernels(globals(), {"evolve": _evolve_py}, helpers=("_trilinear",))
 
 
 def brain_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, level=4, smooth_mm=0.5,
@@ -391,8 +378,9 @@ def brain_surface(magnitude, voxel_size, *, bt=0.5, iterations=1000, level=4, sm
     # converged: 99 % of the vertices moved under 1/100 voxel in the last 10 updates
     tol = 1e-3 * float(vox.min()) if converge else 0.0
     params = (t2, t98, t, tm, float(bt), 20.0, 10.0, 3.33, 10.0, r_cap, tol)
-    _evolve_kernel()(r, dirs, faces.astype(np.int64), vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox,
-                     np.ascontiguousarray(img, dtype=np.float64), params, int(iterations))
+    evolve = (_KERNELS.get() or {"evolve": _evolve_py})["evolve"]
+    evolve(r, dirs, faces.astype(np.int64), vf_ptr, vf_idx, nb_ptr, nb_idx, cog, vox,
+           np.ascontiguousarray(img, dtype=np.float64), params, int(iterations))
     return cog, r, dirs
 
 

@@ -347,26 +347,14 @@ def _seed_quality_py(codes, state, offs, quality):
         quality[i] = acc
 
 
-_KERNELS = {}
+_PY_KERNELS = {"edges": _edge_codes_py, "grow": _grow_py, "quality": _seed_quality_py}
+_COMPILED = backend.NumbaKernels(globals(), _PY_KERNELS, helpers=("_predict_py",))
 
 
 def _kernels():
-    """The numba-compiled kernels (compiled on first use and cached on disk); the plain Python
-    functions where numba is absent (correct, but minutes for a brain: ``auto`` then resolves
-    to ``quality``)."""
-    if not _KERNELS:
-        funcs = {"edges": _edge_codes_py, "grow": _grow_py, "quality": _seed_quality_py}
-        try:
-            import numba
-        except ImportError:  # pragma: no cover - numba is a dependency
-            _KERNELS.update(funcs)
-        else:
-            # the helper first: the compiled grow loop calls the compiled helper through the
-            # module global, which must be the jitted function when ``grow`` compiles
-            global _predict_py
-            _predict_py = numba.njit(cache=True, nogil=True, inline="always")(_predict_py)
-            _KERNELS.update({k: numba.njit(cache=True, nogil=True)(f) for k, f in funcs.items()})
-    return _KERNELS
+    """The numba-compiled kernels; the plain Python functions where numba is absent (correct,
+    but minutes for a brain: ``auto`` then resolves to ``quality``)."""
+    return _COMPILED.get() or _PY_KERNELS
 
 
 def _padded_flat(a, dtype, fill):
