@@ -380,3 +380,29 @@ def test_edge_share_follows_boundary_crossings():
     assert rule == pytest.approx(2.5 / 3 / 0.9375 + 2 / 3, rel=1e-9)  # mean d / min d = 1.556
     assert ratio == pytest.approx(rule, rel=0.08), ratio
     assert ib.edge_share(iso) == ib.edge_share((1.3,) * 3) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("vox", [(1.0, 1.0, 1.0), (1.3, 1.3, 1.3), (0.9375, 0.9375, 2.5)])
+def test_thick_slice_rule_is_the_identity_at_isotropic_voxels(vox):
+    """``tv``'s thick-slice options (``noise_laplacian="physical"``, ``edge_fraction="voxel"``,
+    the suite's ``tv-aniso``) give the default's chi to float32 rounding for isotropic voxels of
+    any size, and differ at thick slices (sigma and the edge share both change)."""
+    rng = np.random.default_rng(7)
+    m = np.zeros((24, 24, 16), bool)
+    m[4:-4, 4:-4, 3:-3] = True
+    fld = (1e-3 * rng.standard_normal(m.shape) * m).astype(np.float32)
+    mag = (1 + 0.5 * (np.indices(m.shape)[0] > 12) + 0.01 * rng.standard_normal(m.shape)).astype(np.float32)
+    old, info_old = ib.tv(fld, m, vox, (0, 0, 1), mag, max_iter=3)
+    new, info = ib.tv(fld, m, vox, (0, 0, 1), mag, max_iter=3, noise_laplacian="physical",
+                      edge_fraction="voxel")
+    assert info_old["noise_laplacian"] == "voxel" and info_old["edge_fraction"] == pytest.approx(0.3)
+    assert info["noise_laplacian"] == "physical"
+    assert info["edge_fraction"] == pytest.approx(ib.edge_share(vox))
+    if len(set(vox)) == 1:
+        assert info["noise_sd_ppm"] == pytest.approx(info_old["noise_sd_ppm"], rel=1e-5)
+        assert info["edge_fraction"] == pytest.approx(0.3)
+        np.testing.assert_allclose(new, old, rtol=0, atol=1e-4 * float(np.abs(old).max()))
+    else:
+        assert info["edge_fraction"] > 0.45
+        assert info["noise_sd_ppm"] != pytest.approx(info_old["noise_sd_ppm"], rel=1e-3)
+        assert np.abs(new - old).max() > 1e-3 * float(np.abs(old).max())

@@ -112,12 +112,15 @@ NONE_DEFAULT_TYPES = {
     "block_mm": "number", "te_ratio": "number", "noise_sd_ppm": "number",
     "lcurve_alphas": "numbers", "te": "numbers", "noise": "number"}
 #: words a numeric parameter also takes, by name (the method chooses the number itself)
-NUMBER_WORDS = {"lam": ("lcurve",), "alpha": ("lcurve",), "noise": ("auto",)}
+NUMBER_WORDS = {"lam": ("lcurve",), "alpha": ("auto", "lcurve"), "noise": ("auto",),
+                "edge_fraction": ("voxel",)}
 
 
 def _kind(default, name):
     if default is None or default is inspect.Parameter.empty:
         return NONE_DEFAULT_TYPES.get(name, "any")
+    if isinstance(default, str) and default.lower() in NUMBER_WORDS.get(name, ()):
+        return "number"  # a numeric parameter whose default is one of its words (tv's alpha="auto")
     if isinstance(default, bool):
         return "bool"
     if isinstance(default, int):

@@ -8,8 +8,9 @@ For each suite head case (``benchmarks/eval/cases.py``; the texture case is left
 noise-free field is not cached) and each end-to-end case (``benchmarks/e2e_cases.py``): the
 NRMSE (%) of ``D chi_truth`` (``qsmkit.dipole.forward_field`` on the case's grid, chi taken
 relative to its mean in the mask, half of each axis of zero padding) against the case's
-noise-free local field. The suite's heads resample the 0.64 mm field and chi separately with
-qsm-forward's ``resize`` (point interpolation); the end-to-end cases average both over each voxel.
+noise-free local field. The suite's 1 mm heads and ``head-aniso-resampled`` resample the 0.64 mm
+field and chi separately with qsm-forward's ``resize`` (point interpolation); ``head-aniso-noisy``
+and the end-to-end cases average both over each voxel.
 
 ``--methods``: each named suite method (``benchmarks.eval.run.VARIANTS``) inverts, for each suite
 head case, (a) the case's field and (b) a self-consistent one, ``D chi_truth`` plus the case's own
@@ -28,7 +29,7 @@ from benchmarks.eval import cases, score
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench-output" / "eval-consistency"
-HEADS = ("head-1mm", "head-1mm-noisy", "head-aniso-noisy", "head-tilt-noisy")
+HEADS = ("head-1mm", "head-1mm-noisy", "head-aniso-noisy", "head-aniso-resampled", "head-tilt-noisy")
 
 
 def dipole_of(chi, mask, voxel_size, b0_dir):
@@ -41,9 +42,10 @@ def dipole_of(chi, mask, voxel_size, b0_dir):
 
 
 def noise_free_field(case):
-    """The suite head case's field before noise (``cases._head``'s cache)."""
+    """The suite head case's field before noise (``cases._head``'s or ``_head_integrated``'s cache)."""
     tag = "tilt20" if "tilt" in case.name else "z"
-    return (cases._head(case.voxel_size, case.b0_dir, tag)["field"] * case.mask).astype(np.float32)
+    build = cases._head_integrated if case.name == "head-aniso-noisy" else cases._head
+    return (build(case.voxel_size, case.b0_dir, tag)["field"] * case.mask).astype(np.float32)
 
 
 def main(argv=None):

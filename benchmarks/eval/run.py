@@ -37,14 +37,14 @@ VARIANTS = {
     "tv-edge-0.15": ("tv", {"edge_fraction": 0.15}),
     "tv-iter100": ("tv", {"max_iter": 100}),
     "tv-nobalance": ("tv", {"balance": False}),
-    # alpha's noise SD from the physical Laplacian (per mm^2) and h the geometric / harmonic
-    # mean voxel size; the former rule: the voxel Laplacian, geometric mean
-    "tv-physlap": ("tv", {"noise_laplacian": "physical", "alpha_h": "geometric"}),
-    "tv-physlap-harm": ("tv", {"noise_laplacian": "physical", "alpha_h": "harmonic"}),
-    "tv-voxlap": ("tv", {"noise_laplacian": "voxel", "alpha_h": "geometric"}),
-    # and the edge share scaled with the mean voxel edge (``inversion_baselines.edge_share``)
+    # the thick-slice rule (README "Thick slices", not the default): alpha's noise SD from the
+    # physical Laplacian (per mm^2) and the edge share scaled with the mean voxel edge
+    # (``edge_share``), both (``tv-aniso``) and each alone (the other one as in the default)
     "tv-aniso": ("tv", {"noise_laplacian": "physical", "edge_fraction": "voxel"}),
-    "tv-edge-voxel": ("tv", {"edge_fraction": "voxel"}),
+    "tv-physlap": ("tv", {"noise_laplacian": "physical", "alpha_h": "geometric", "edge_fraction": 0.3}),
+    "tv-physlap-harm": ("tv", {"noise_laplacian": "physical", "alpha_h": "harmonic", "edge_fraction": 0.3}),
+    "tv-voxlap": ("tv", {"noise_laplacian": "voxel", "alpha_h": "geometric", "edge_fraction": 0.3}),
+    "tv-edge-voxel": ("tv", {"noise_laplacian": "voxel", "edge_fraction": "voxel"}),
     "l2": ("l2", {}),
     # FOCUSS at a fixed edge trust t (``focuss.rule_parameters``), the sweep that chose SNR_HIGH
     **{f"focuss-t{t:g}": ("focuss", {"edge_trust": t}) for t in (0.0, 0.21, 0.45, 0.6, 0.8, 1.0)},
@@ -83,9 +83,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(cases.ALL), choices=cases.ALL)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(VARIANTS))
-    p.add_argument("--peers", nargs="*", default=list(peers.DEFAULT_DIPOLE), choices=peers.DIPOLE)
+    p.add_argument("--peers", nargs="*", default=None, choices=peers.DIPOLE,
+                   help=f"QSM.rs methods (default, and a bare --peers: {' '.join(peers.DEFAULT_DIPOLE)})")
+    p.add_argument("--no-peers", action="store_true", help="run no QSM.rs method")
     p.add_argument("--out", default=str(ROOT / "bench-output" / "eval"))
     a = p.parse_args(argv)
+    a.peers = [] if a.no_peers else (a.peers or list(peers.DEFAULT_DIPOLE))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     why = peers.available()
