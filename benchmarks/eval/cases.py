@@ -105,6 +105,10 @@ class Case:
 
 _ARRAYS = ("field", "mask", "magnitude", "labels", "seg", "vessel")
 _META = ("voxel_size", "b0_dir", "rois", "reference", "shares_edges", "noise_ppm", "note")
+#: a case's recipe number, raised when its recipe changes so that a cache of the former recipe is
+#: rebuilt, not read under the same name (head-aniso-noisy 2: voxel-integrated, 2026-12-07;
+#: 1: spline-resampled, now ``head-aniso-resampled``)
+RECIPE = {"head-aniso-noisy": 2}
 
 
 def _save(case: Case):
@@ -115,6 +119,7 @@ def _save(case: Case):
     meta = {k: getattr(case, k) for k in _META}
     meta["voxel_size"] = [float(v) for v in case.voxel_size]
     meta["b0_dir"] = [float(v) for v in case.b0_dir]
+    meta["recipe"] = RECIPE.get(case.name, 1)
     (CACHE / f"{case.name}.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -123,6 +128,8 @@ def _load(name) -> Case | None:
     if not (npz.exists() and js.exists()):
         return None
     meta = json.loads(js.read_text())
+    if meta.pop("recipe", 1) != RECIPE.get(name, 1):
+        return None  # made by a former recipe: rebuild
     with np.load(npz) as z:
         arrays = {k: z[k] for k in z.files}
     truths = {k[len("truth__"):]: v for k, v in arrays.items() if k.startswith("truth__")}
