@@ -176,7 +176,7 @@ class NumbaKernels:
     ``namespace`` (the stage module's ``globals()``), of functions the kernels call: numba
     resolves a called function through the module global when the caller compiles, so each is
     rebound there to its jitted, inlined version first. The shared piece of the romeo unwrapper,
-    the BET surface and tfi-fast's ADMM, which are plain numpy loops and gain 100x compiled."""
+    the BET surface and tfi-fast's ADMM, whose loops over voxels numpy cannot vectorise."""
 
     def __init__(self, namespace, kernels, helpers=()):
         self._namespace, self._kernels, self._helpers = namespace, dict(kernels), tuple(helpers)

@@ -228,22 +228,14 @@ def _admm_points_py(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel
             r[i, j, 0] += carry
 
 
-_admm_voxel = _admm_voxel_py  # numba-compiled by ``_admm_kernel`` before the kernel that calls it
-_ADMM_KERNEL = []
+_admm_voxel = _admm_voxel_py  # numba-compiled by ``_KERNELS`` before the kernel that calls it
+_KERNELS = backend.NumbaKernels(globals(), {"admm": _admm_points_py}, helpers=("_admm_voxel",))
 
 
 def _admm_kernel():
     """numba-compiled ``_admm_points_py`` (cached on disk), or None without numba."""
-    if not _ADMM_KERNEL:
-        try:
-            import numba
-        except ImportError:  # pragma: no cover - numba is a dependency
-            _ADMM_KERNEL.append(None)
-        else:
-            global _admm_voxel
-            _admm_voxel = numba.njit(cache=True, nogil=True, inline="always")(_admm_voxel_py)
-            _ADMM_KERNEL.append(numba.njit(cache=True, nogil=True)(_admm_points_py))
-    return _ADMM_KERNEL[0]
+    compiled = _KERNELS.get()
+    return compiled["admm"] if compiled else None
 
 
 def _admm_step_xp(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, thr, buf, r):
