@@ -43,10 +43,10 @@ def test_float32_matches_float64(phantom, name):
 
 
 def test_pipeline_float32_matches_float64():
-    """The whole pipeline (mask, unwrapping, field fit, PDF, FOCUSS with prior) on the phantom
+    """The whole pipeline (mask, unwrapping, field fit, tfi-fast, tv: the defaults) on the phantom
     acquired at SNR 100: chi NRMSE in float32 within 0.1 percentage point of the run with the
-    stages in float64 (``PipelineConfig(precision="float64")``: PDF and the inversion follow it;
-    the numba unwrapping and masking kernels work in float32 either way)."""
+    stages in float64 (``PipelineConfig(precision="float64")``: background removal and the
+    inversion follow it; the numba unwrapping and masking kernels work in float32 either way)."""
     from qsmkit.pipeline import PipelineConfig, run_pipeline
     from qsmkit.simulate import simulate_acquisition
 
