@@ -356,30 +356,53 @@ def test_noise_sd_physical_laplacian_at_thick_slices():
         ib.tv(fld, m, vox, (0, 0, 1), noise_laplacian="mm")
 
 
+def _boundary_crossing_share(vox, seed=5):
+    """Share of forward differences (pooled over the axes) that straddle a boundary between 60
+    random balls (radius 3-10 mm) in an 80 mm cube sampled at ``vox``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 80, (60, 3))
+    radii = rng.uniform(3, 10, 60)
+    axes = [np.arange(0, 80, d) for d in vox]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+    lab = np.zeros(pts.shape[:3], np.int16)
+    for k, (c, r) in enumerate(zip(centres, radii)):
+        lab[np.sum((pts - c) ** 2, -1) < r * r] = k + 1
+    return np.mean([np.mean(np.diff(lab, axis=a) != 0) for a in range(3)])
+
+
 def test_edge_share_follows_boundary_crossings():
     """``edge_share``'s premise, measured: the share of forward differences that straddle a
     tissue boundary grows with the voxel edge along each axis, so thick slices raise the pooled
-    share by mean d / min d. Random balls (radius 3-10 mm) sampled at 0.9375 mm isotropic and at
-    0.9375 x 0.9375 x 2.5 mm: the ratio of boundary-crossing shares against the rule's
-    1.556 (measured 1.550)."""
-    rng = np.random.default_rng(5)
-    centres = rng.uniform(0, 80, (60, 3))
-    radii = rng.uniform(3, 10, 60)
-
-    def crossing_share(vox):
-        axes = [np.arange(0, 80, d) for d in vox]
-        pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
-        lab = np.zeros(pts.shape[:3], np.int16)
-        for k, (c, r) in enumerate(zip(centres, radii)):
-            lab[np.sum((pts - c) ** 2, -1) < r * r] = k + 1
-        return np.mean([np.mean(np.diff(lab, axis=a) != 0) for a in range(3)])
-
+    share by mean d / min d. The random balls sampled at 0.9375 mm isotropic and at 0.9375 x
+    0.9375 x 2.5 mm: the ratio of boundary-crossing shares against the rule's 1.556 (measured
+    1.550)."""
     iso, aniso = (0.9375,) * 3, (0.9375, 0.9375, 2.5)
-    ratio = crossing_share(aniso) / crossing_share(iso)
+    ratio = _boundary_crossing_share(aniso) / _boundary_crossing_share(iso)
     rule = ib.edge_share(aniso) / ib.edge_share(iso)
     assert rule == pytest.approx(2.5 / 3 / 0.9375 + 2 / 3, rel=1e-9)  # mean d / min d = 1.556
     assert ratio == pytest.approx(rule, rel=0.08), ratio
     assert ib.edge_share(iso) == ib.edge_share((1.3,) * 3) == pytest.approx(0.3)
+
+
+def test_edge_share_by_size_follows_the_voxel_edge():
+    """``edge_fraction="size"``: the same premise in absolute terms. Against 1 mm voxels (MEDI's
+    30 %), the boundary-crossing share of the random balls grows in proportion to the mean voxel
+    edge: measured 0.595 / 1.474 / 1.996 / 1.458 at 0.6 / 1.5 / 2 mm and 1.2 x 1.2 x 2 mm, the
+    rule 0.6 / 1.5 / 2.0 / 1.467; ``tv`` records the share and the rule it came from."""
+    base = _boundary_crossing_share((1.0,) * 3)
+    for vox in ((0.6,) * 3, (1.5,) * 3, (2.0,) * 3, (1.2, 1.2, 2.0)):
+        rule = ib.edge_share(vox, "size") / ib.edge_share((1.0,) * 3, "size")
+        assert rule == pytest.approx(_boundary_crossing_share(vox) / base, rel=0.03)
+    assert ib.edge_share((1.0,) * 3, "size") == pytest.approx(0.3)
+    assert ib.edge_share((4.0,) * 3, "size") == pytest.approx(ib.EDGE_FRACTION_MAX)
+    m = np.zeros((20, 20, 12), bool)
+    m[4:-4, 4:-4, 3:-3] = True
+    fld = (1e-3 * np.random.default_rng(3).standard_normal(m.shape) * m).astype(np.float32)
+    mag = (1 + 0.5 * (np.indices(m.shape)[0] > 10)).astype(np.float32)
+    _, info = ib.tv(fld, m, (1.5, 1.5, 1.5), (0, 0, 1), mag, max_iter=2, edge_fraction="size")
+    assert info["edge_fraction"] == pytest.approx(0.45) and info["edge_fraction_rule"] == "size"
+    with pytest.raises(QSMInputError, match="'voxel' or 'size'"):
+        ib.tv(fld, m, (1.5, 1.5, 1.5), (0, 0, 1), mag, edge_fraction="large")
 
 
 @pytest.mark.parametrize("vox", [(1.0, 1.0, 1.0), (1.3, 1.3, 1.3), (0.9375, 0.9375, 2.5)])

@@ -277,20 +277,29 @@ ALPHA_KAPPA = 0.5
 
 
 #: MEDI's edge share (Liu et al. 2012: 30 %, at any isotropic resolution); ``edge_fraction="voxel"``
-#: scales it with the voxels' anisotropy (``edge_share``)
+#: scales it with the voxels' anisotropy, ``"size"`` with the mean voxel edge against
+#: ``EDGE_REFERENCE_MM`` (``edge_share``)
 EDGE_FRACTION_ISO = 0.3
 EDGE_FRACTION_MAX = 0.9
+EDGE_REFERENCE_MM = 1.0
 
 
-def edge_share(voxel_size):
-    """The edge mask's share for ``voxel_size``: EDGE_FRACTION_ISO x mean_i d_i / min_i d_i, at most
-    EDGE_FRACTION_MAX. A forward difference along axis i straddles a tissue boundary with a
-    probability proportional to d_i (for boundary area S with normal n, S |n_i| / A_i of the
-    V / (A_i d_i) differences, A_i the voxel face normal to i), so thick slices raise the pooled
-    share of edge differences by mean d / d along the finest axis; MEDI's 30 % is kept for
-    isotropic voxels of any size. 0.47 at 0.94 x 0.94 x 2.5 mm, 0.36 at 0.94 x 0.94 x 1.5 mm."""
+def edge_share(voxel_size, rule="voxel"):
+    """The edge mask's share for ``voxel_size``, at most EDGE_FRACTION_MAX. A forward difference
+    along axis i straddles a tissue boundary with a probability proportional to d_i (for
+    boundary area S with normal n, S |n_i| / A_i of the V / (A_i d_i) differences, A_i the voxel
+    face normal to i), so the pooled share of edge differences is proportional to mean d.
+
+    ``rule="voxel"``: EDGE_FRACTION_ISO x mean_i d_i / min_i d_i, MEDI's 30 % for isotropic voxels
+    of any size, raised for thick slices (0.47 at 0.94 x 0.94 x 2.5 mm, 0.36 at 0.94 x 0.94 x
+    1.5 mm). ``rule="size"``: EDGE_FRACTION_ISO x mean_i d_i / EDGE_REFERENCE_MM, MEDI's 30 % at
+    1 mm voxels and in proportion to the voxel edge elsewhere (0.45 at 1.5 mm, 0.60 at 2 mm,
+    0.44 at 0.94 x 0.94 x 2.5 mm, 0.19 at 0.64 mm)."""
     d = [float(v) for v in voxel_size]
-    return min(EDGE_FRACTION_ISO * (sum(d) / len(d)) / min(d), EDGE_FRACTION_MAX)
+    mean = sum(d) / len(d)
+    if rule == "size":
+        return min(EDGE_FRACTION_ISO * mean / EDGE_REFERENCE_MM, EDGE_FRACTION_MAX)
+    return min(EDGE_FRACTION_ISO * mean / min(d), EDGE_FRACTION_MAX)
 
 
 def alpha_length(voxel_size, kind="geometric"):
@@ -562,7 +571,8 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     max_iter, tol : stop after ``max_iter`` iterations or when the four normalised primal and
         dual residuals are all below ``tol``.
     edge_fraction, edge_weight : MEDI edge mask (``edge_mask``); ``edge_fraction="voxel"``: the
-        share scaled with the mean voxel edge (``edge_share``).
+        share scaled with the voxels' anisotropy, ``"size"``: with the mean voxel edge against
+        1 mm (``edge_share``; README, "Held-out geometries").
     noise_weights : optional explicit W (overrides the magnitude).
     pad_mm : zero padding around the mask's bounding box (mm).
 
@@ -595,10 +605,11 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
         raise QSMInputError(f"tv: noise_laplacian must be 'physical' or 'voxel', got {noise_laplacian!r}")
     if alpha_h not in ("geometric", "harmonic"):
         raise QSMInputError(f"tv: alpha_h must be 'geometric' or 'harmonic', got {alpha_h!r}")
-    if isinstance(edge_fraction, str) and edge_fraction == "voxel":
-        edge_fraction = edge_share(vox)
+    edge_rule = edge_fraction if isinstance(edge_fraction, str) else None
+    if edge_rule in ("voxel", "size"):
+        edge_fraction = edge_share(vox, edge_rule)
     if not (_real(edge_fraction) and 0 <= edge_fraction < 1):
-        raise QSMInputError(f"tv: edge_fraction must be in [0, 1) or 'voxel', got {edge_fraction!r}")
+        raise QSMInputError(f"tv: edge_fraction must be in [0, 1), 'voxel' or 'size', got {edge_fraction!r}")
     if not (_real(edge_weight) and 0 <= edge_weight <= 1):
         raise QSMInputError(f"tv: edge_weight must be in [0, 1], got {edge_weight!r}")
 
@@ -658,6 +669,7 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
             "primal_residual": max(res["r1"], res["r2"]), "dual_residual": max(res["d1"], res["d2"]),
             "residuals": res,
             "edge_fraction": float(edge_fraction) if mag is not None else 0.0,
+            "edge_fraction_rule": edge_rule,
             "weights": w_src, "grid": [int(n) for n in shape], "lcurve": curve,
             "seconds": round(time.perf_counter() - t0, 3)}
     return chi, info

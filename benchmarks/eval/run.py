@@ -45,6 +45,8 @@ VARIANTS = {
     "tv-physlap-harm": ("tv", {"noise_laplacian": "physical", "alpha_h": "harmonic", "edge_fraction": 0.3}),
     "tv-voxlap": ("tv", {"noise_laplacian": "voxel", "alpha_h": "geometric", "edge_fraction": 0.3}),
     "tv-edge-voxel": ("tv", {"noise_laplacian": "voxel", "edge_fraction": "voxel"}),
+    # the edge share by the mean voxel edge against 1 mm (README, "Held-out geometries")
+    "tv-edge-size": ("tv", {"noise_laplacian": "voxel", "edge_fraction": "size"}),
     "l2": ("l2", {}),
     # FOCUSS at a fixed edge trust t (``focuss.rule_parameters``), the sweep that chose SNR_HIGH
     **{f"focuss-t{t:g}": ("focuss", {"edge_trust": t}) for t in (0.0, 0.21, 0.45, 0.6, 0.8, 1.0)},
