@@ -429,3 +429,44 @@ def test_thick_slice_rule_is_the_identity_at_isotropic_voxels(vox):
         assert info["edge_fraction"] > 0.45
         assert info["noise_sd_ppm"] != pytest.approx(info_old["noise_sd_ppm"], rel=1e-3)
         assert np.abs(new - old).max() > 1e-3 * float(np.abs(old).max())
+
+
+def _noise_gradient_tail(q):
+    """P(|g|^2 / sigma^2 > q) for the forward-difference gradient of white noise of SD sigma:
+    the three differences share their voxel's noise, covariance sigma^2 (I + 1 1^T), so
+    |g|^2 / sigma^2 = 4 X1 + Y with X1 chi-square 1 and Y chi-square 2 (P(Y > y) = exp(-y / 2))."""
+    from scipy import integrate
+    from scipy.stats import chi2
+
+    inner, _ = integrate.quad(lambda x: chi2.pdf(x, 1) * np.exp(-(q - 4 * x) / 2), 0, q / 4)
+    return inner + chi2.sf(q / 4, 1)
+
+
+def test_edge_share_from_noise_counts_the_gradients_that_stand_out_of_the_noise():
+    """``edge_fraction="noise"``: on a flat magnitude with white noise the share of voxels past
+    the threshold is the noise's own tail, computed in closed form (about 2 %); on two halves
+    with a step of 50 noise SDs every step voxel passes as well. The noise SD is recovered
+    within 15 % (the step planes raise the robust estimate a little), and ``tv`` records the
+    share's rule and the noise SD."""
+    rng = np.random.default_rng(11)
+    shape, sd = (32, 32, 24), 0.02
+    m = np.zeros(shape, bool)
+    m[2:-2, 2:-2, 2:-2] = True
+    interior = m & np.all([np.roll(m, -1, axis=a) for a in range(3)], axis=0)  # all 3 counted
+    for step in (0.0, 1.0):
+        clean = np.where(np.indices(shape)[0] >= 16, 1.0 + step, 1.0)
+        mag = (clean + sd * rng.standard_normal(shape)).astype(np.float32)
+        share, sigma = ib.edge_share_from_noise(mag, m)
+        assert sigma == pytest.approx(sd, rel=0.15)
+        p_noise = _noise_gradient_tail((ib.EDGE_NOISE_SIGMAS * sigma / sd) ** 2)
+        n_step = int((m[15] & m[16]).sum()) if step else 0
+        # the mask's border voxels miss a difference or two (fewer noise terms): bracket them
+        lo = (n_step + (interior.sum() - n_step) * p_noise) / m.sum()
+        hi = (n_step + (m.sum() - n_step) * p_noise) / m.sum()
+        assert lo - 0.003 <= share <= hi + 0.003, (step, share, lo, hi)
+        if not step:
+            assert 0.01 < p_noise < 0.04
+    fld = (1e-3 * rng.standard_normal(shape) * m).astype(np.float32)
+    _, info = ib.tv(fld, m, (1.0, 1.0, 2.0), (0, 0, 1), mag, max_iter=2, edge_fraction="noise")
+    assert info["edge_fraction_rule"] == "noise" and info["edge_fraction"] == pytest.approx(share)
+    assert info["magnitude_noise_sd"] == pytest.approx(sd, rel=0.15)

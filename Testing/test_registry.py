@@ -61,8 +61,8 @@ def test_the_old_disagreements():
 
 def test_numbers_whose_default_is_a_word():
     """``tv``'s ``alpha`` (default "auto") takes a number or its words, and ``edge_fraction``
-    (default 0.3) a number, "voxel" (the thick-slice share) or "size" (by the voxel edge); other
-    text is refused."""
+    (default 0.3) a number, "voxel" (the thick-slice share), "size" (by the voxel edge) or "noise"
+    (from the magnitude's noise); other text is refused."""
     tv = _registry("inversion")._methods["tv"].func
     opt = "--inversion-param"
     assert validate_params(tv, {"alpha": 0.002}, opt, "tv") == {"alpha": 0.002}
@@ -70,6 +70,7 @@ def test_numbers_whose_default_is_a_word():
     assert validate_params(tv, {"edge_fraction": 0.3}, opt, "tv") == {"edge_fraction": 0.3}
     assert validate_params(tv, {"edge_fraction": "voxel"}, opt, "tv") == {"edge_fraction": "voxel"}
     assert validate_params(tv, {"edge_fraction": "size"}, opt, "tv") == {"edge_fraction": "size"}
+    assert validate_params(tv, {"edge_fraction": "noise"}, opt, "tv") == {"edge_fraction": "noise"}
     for key, bad in (("alpha", "big"), ("edge_fraction", "many")):
         with pytest.raises(QSMInputError, match=f"{key}={bad}: tv expects a finite number or"):
             validate_params(tv, {key: bad}, opt, "tv")

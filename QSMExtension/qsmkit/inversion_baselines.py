@@ -282,6 +282,12 @@ ALPHA_KAPPA = 0.5
 EDGE_FRACTION_ISO = 0.3
 EDGE_FRACTION_MAX = 0.9
 EDGE_REFERENCE_MM = 1.0
+#: ``edge_fraction="noise"``: an edge is a voxel whose magnitude gradient is longer than this many
+#: noise SDs of the magnitude (4.76 = sqrt(2 x 11.34), 11.34 the 99th percentile of chi-square
+#: with 3 degrees of freedom; pure noise passes it in about 2 % of the voxels, since the three
+#: forward differences share their voxel's noise: |g|^2 / sigma^2 = 4 X1 + X2 + X3, X
+#: chi-square with 1 degree of freedom)
+EDGE_NOISE_SIGMAS = math.sqrt(2 * 11.3449)
 
 
 def edge_share(voxel_size, rule="voxel"):
@@ -300,6 +306,29 @@ def edge_share(voxel_size, rule="voxel"):
     if rule == "size":
         return min(EDGE_FRACTION_ISO * mean / EDGE_REFERENCE_MM, EDGE_FRACTION_MAX)
     return min(EDGE_FRACTION_ISO * mean / min(d), EDGE_FRACTION_MAX)
+
+
+def edge_share_from_noise(magnitude, mask):
+    """The edge mask's share as the magnitude's own noise sets it (``edge_fraction="noise"``):
+    the share of mask voxels whose magnitude gradient (forward differences per voxel, each
+    taken where both voxels are in the mask) is longer than EDGE_NOISE_SIGMAS times the
+    magnitude's noise SD sigma_m (which white noise alone passes in about 2 % of the voxels),
+    at most EDGE_FRACTION_MAX. MEDI's percentile is a share of voxels in the same sense (Liu et
+    al., MRM 2012). sigma_m: ``noise_sd`` of the magnitude (robust Laplacian estimate). A noisy
+    magnitude then frees only the boundaries that stand out of its noise, a clean one every
+    boundary it shows. Returns (share, sigma_m)."""
+    xp = get_array_module(magnitude)
+    m = xp.asarray(mask).astype(bool)
+    mag = xp.asarray(magnitude, dtype=backend.FLOAT) * m
+    sigma = noise_sd(mag, m)
+    t2 = (EDGE_NOISE_SIGMAS * sigma) ** 2
+    g2 = xp.zeros(mag.shape, backend.FLOAT)
+    for ax in range(mag.ndim):
+        d = backend.periodic_diff(mag, ax)
+        d *= m & xp.roll(m, -1, axis=ax)
+        g2 += d * d
+    share = float((g2[m] > t2).mean()) if bool(m.any()) else 0.0
+    return min(share, EDGE_FRACTION_MAX), sigma
 
 
 def alpha_length(voxel_size, kind="geometric"):
@@ -572,7 +601,8 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
         dual residuals are all below ``tol``.
     edge_fraction, edge_weight : MEDI edge mask (``edge_mask``); ``edge_fraction="voxel"``: the
         share scaled with the voxels' anisotropy, ``"size"``: with the mean voxel edge against
-        1 mm (``edge_share``; README, "Held-out geometries").
+        1 mm (``edge_share``; README, "Held-out geometries"); ``"noise"``: the share of mask
+        voxels whose magnitude gradient stands out of its noise (``edge_share_from_noise``).
     noise_weights : optional explicit W (overrides the magnitude).
     pad_mm : zero padding around the mask's bounding box (mm).
 
@@ -606,10 +636,15 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     if alpha_h not in ("geometric", "harmonic"):
         raise QSMInputError(f"tv: alpha_h must be 'geometric' or 'harmonic', got {alpha_h!r}")
     edge_rule = edge_fraction if isinstance(edge_fraction, str) else None
+    magnitude_noise = None
     if edge_rule in ("voxel", "size"):
         edge_fraction = edge_share(vox, edge_rule)
+    elif edge_rule == "noise":
+        edge_fraction, magnitude_noise = (edge_share_from_noise(mag, m) if mag is not None
+                                          else (0.0, None))
     if not (_real(edge_fraction) and 0 <= edge_fraction < 1):
-        raise QSMInputError(f"tv: edge_fraction must be in [0, 1), 'voxel' or 'size', got {edge_fraction!r}")
+        raise QSMInputError(f"tv: edge_fraction must be in [0, 1), 'voxel', 'size' or 'noise', "
+                            f"got {edge_fraction!r}")
     if not (_real(edge_weight) and 0 <= edge_weight <= 1):
         raise QSMInputError(f"tv: edge_weight must be in [0, 1], got {edge_weight!r}")
 
@@ -669,7 +704,7 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
             "primal_residual": max(res["r1"], res["r2"]), "dual_residual": max(res["d1"], res["d2"]),
             "residuals": res,
             "edge_fraction": float(edge_fraction) if mag is not None else 0.0,
-            "edge_fraction_rule": edge_rule,
+            "edge_fraction_rule": edge_rule, "magnitude_noise_sd": magnitude_noise,
             "weights": w_src, "grid": [int(n) for n in shape], "lcurve": curve,
             "seconds": round(time.perf_counter() - t0, 3)}
     return chi, info

@@ -113,7 +113,7 @@ NONE_DEFAULT_TYPES = {
     "lcurve_alphas": "numbers", "te": "numbers", "noise": "number"}
 #: words a numeric parameter also takes, by name (the method chooses the number itself)
 NUMBER_WORDS = {"lam": ("lcurve",), "alpha": ("auto", "lcurve"), "noise": ("auto",),
-                "edge_fraction": ("voxel", "size")}
+                "edge_fraction": ("voxel", "size", "noise")}
 
 
 def _kind(default, name):

@@ -47,6 +47,8 @@ VARIANTS = {
     "tv-edge-voxel": ("tv", {"noise_laplacian": "voxel", "edge_fraction": "voxel"}),
     # the edge share by the mean voxel edge against 1 mm (README, "Held-out geometries")
     "tv-edge-size": ("tv", {"noise_laplacian": "voxel", "edge_fraction": "size"}),
+    # the edge share from the magnitude's own noise (``inversion_baselines.edge_share_from_noise``)
+    "tv-edge-noise": ("tv", {"noise_laplacian": "voxel", "edge_fraction": "noise"}),
     "l2": ("l2", {}),
     # FOCUSS at a fixed edge trust t (``focuss.rule_parameters``), the sweep that chose SNR_HIGH
     **{f"focuss-t{t:g}": ("focuss", {"edge_trust": t}) for t in (0.0, 0.21, 0.45, 0.6, 0.8, 1.0)},
