@@ -401,7 +401,7 @@ def test_edge_share_by_size_follows_the_voxel_edge():
     mag = (1 + 0.5 * (np.indices(m.shape)[0] > 10)).astype(np.float32)
     _, info = ib.tv(fld, m, (1.5, 1.5, 1.5), (0, 0, 1), mag, max_iter=2, edge_fraction="size")
     assert info["edge_fraction"] == pytest.approx(0.45) and info["edge_fraction_rule"] == "size"
-    with pytest.raises(QSMInputError, match="'voxel' or 'size'"):
+    with pytest.raises(QSMInputError, match="'voxel', 'size' or 'noise'"):
         ib.tv(fld, m, (1.5, 1.5, 1.5), (0, 0, 1), mag, edge_fraction="large")
 
 
