@@ -169,17 +169,10 @@ def _tissue_luts(b0):
     return pd_lut, r2_lut
 
 
-def _block_mode(lab, fac, n_lab):
-    from qsmkit.simulate import block_mean
-
-    counts = np.stack([block_mean((lab == k).astype(np.float32), fac) for k in range(n_lab)])
-    return counts.argmax(axis=0).astype(np.int16)
-
-
 def build(name, progress=print) -> E2ECase:
     """Simulate case ``name`` (a key of ``CASES`` or ``HELDOUT_CASES``); see the module
     docstring."""
-    from scipy import ndimage
+    from benchmarks import subvoxel
 
     from qsmkit import units
     from qsmkit.headmodel import GRE_TISSUE_3T
@@ -211,19 +204,17 @@ def build(name, progress=print) -> E2ECase:
     sig = np.empty(shape + (len(te),), np.complex64)
     ref = np.empty(shape + (len(te),), np.float32)
     step = 4
-    for i0 in range(0, shape[0], step):
-        i1 = min(i0 + step, shape[0])
-        ax0 = axes[0][i0 * fac[0]:i1 * fac[0]]
-        grid = np.meshgrid(ax0 / NATIVE_MM, axes[1] / NATIVE_MM, axes[2] / NATIVE_MM, indexing="ij")
-        near = tuple(np.clip(np.rint(g).astype(np.int32), 0, n - 1) for g, n in zip(grid, seg.shape))
+    axes = [a / NATIVE_MM for a in axes]  # native voxel units
+    for i0, i1 in subvoxel.slabs(shape[0], step):
+        grid, near = subvoxel.slab_points(axes, fac, i0, i1, seg.shape)
         lab = seg[near]
-        fld = ndimage.map_coordinates(total_n, grid, order=1, mode="nearest").astype(np.float64)
-        loc = ndimage.map_coordinates(local_n, grid, order=1, mode="nearest") * brain[near]
+        fld = subvoxel.interpolate(total_n, grid).astype(np.float64)
+        loc = subvoxel.interpolate(local_n, grid) * brain[near]
         out["chi"][i0:i1] = block_mean(chi_n[near], fac)
         out["total"][i0:i1] = block_mean(fld, fac)
         out["local"][i0:i1] = block_mean(loc, fac)
         out["mask"][i0:i1] = block_mean(brain[near].astype(np.float32), fac)
-        labels[i0:i1] = _block_mode(lab, fac, n_lab)
+        labels[i0:i1] = subvoxel.block_mode(lab, fac, n_lab)
         for e, t in enumerate(te):
             sig[i0:i1, ..., e], ref[i0:i1, ..., e] = integrate_echo(
                 pd_lut[lab], r2_lut[lab], fld, t, omega, fac)

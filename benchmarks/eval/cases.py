@@ -49,6 +49,7 @@ Roles: constants of the default inversion are chosen on ``TUNING`` only; every o
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -250,8 +251,7 @@ def _head_integrated(vox=(0.9375, 0.9375, 2.5), b0=(0.0, 0.0, 1.0), tag="z"):
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    from benchmarks.e2e_cases import _block_mode
-    from scipy import ndimage
+    from benchmarks import subvoxel
 
     from qsmkit import units
     from qsmkit.dipole import forward_field
@@ -268,18 +268,15 @@ def _head_integrated(vox=(0.9375, 0.9375, 2.5), b0=(0.0, 0.0, 1.0), tag="z"):
     n_lab = int(nat["seg"].max()) + 1
     out = {k: np.empty(shape, np.float32) for k in ("chi", "field", "mag", "mask")}
     seg = np.empty(shape, np.int16)
-    step = 8
-    for i0 in range(0, shape[0], step):
-        i1 = min(i0 + step, shape[0])
-        grid = np.meshgrid(axes[0][i0 * fac[0]:i1 * fac[0]], axes[1], axes[2], indexing="ij")
-        near = tuple(np.clip(np.rint(g).astype(np.int32), 0, n - 1) for g, n in zip(grid, nat["seg"].shape))
-        fld = ndimage.map_coordinates(fld_n, grid, order=1, mode="nearest").astype(np.float64)
+    for i0, i1 in subvoxel.slabs(shape[0], 8):
+        grid, near = subvoxel.slab_points(axes, fac, i0, i1, nat["seg"].shape)
+        fld = subvoxel.interpolate(fld_n, grid).astype(np.float64)
         sig, phase = integrate_echo(nat["mag"][near], 0.0, fld, TE_S, omega, fac)
         out["field"][i0:i1] = phase / (omega * TE_S)
         out["mag"][i0:i1] = np.abs(sig)
         out["chi"][i0:i1] = block_mean(nat["chi"][near], fac)
         out["mask"][i0:i1] = block_mean(nat["mask"][near].astype(np.float32), fac)
-        seg[i0:i1] = _block_mode(nat["seg"][near], fac, n_lab)
+        seg[i0:i1] = subvoxel.block_mode(nat["seg"][near], fac, n_lab)
     mask = out["mask"] > 0.5
     h = {"chi": out["chi"] * mask, "field": out["field"] * mask, "mask": mask, "seg": seg * mask,
          "mag": out["mag"]}
@@ -287,57 +284,63 @@ def _head_integrated(vox=(0.9375, 0.9375, 2.5), b0=(0.0, 0.0, 1.0), tag="z"):
     return h
 
 
-def _head_case(name, vox=(1.0, 1.0, 1.0), b0=(0.0, 0.0, 1.0), tag="z", noise=True, texture=0.0,
-               note="", integrate=False):
-    h = (_head_integrated if integrate else _head)(vox, b0, tag)
+@dataclass(frozen=True)
+class HeadBuild:
+    """How a suite head case is made: the noise-free head (``_head`` or, with ``integrate``,
+    ``_head_integrated``, at ``vox`` with B0 ``b0``, cached under ``tag``), then what
+    ``_head_case`` adds (smooth ``texture`` SD in ppm, field and magnitude ``noise``)."""
+    note: str
+    vox: tuple = (1.0, 1.0, 1.0)
+    b0: tuple = (0.0, 0.0, 1.0)
+    tag: str = "z"
+    integrate: bool = False
+    noise: bool = True
+    texture: float = 0.0
+
+    def noise_free(self) -> dict:
+        """chi, field, mask, seg and magnitude before texture and noise (cached)."""
+        return (_head_integrated if self.integrate else _head)(self.vox, self.b0, self.tag)
+
+
+_ANISO = (0.9375, 0.9375, 2.5)
+HEAD_BUILDS = {
+    "head-1mm": HeadBuild("QSM-CI-style head, 1 mm, noise-free", noise=False),
+    "head-1mm-noisy": HeadBuild("QSM-CI-style head, 1 mm, SNR 100"),
+    "head-aniso-noisy": HeadBuild("QSM-CI-style head, 0.94 x 0.94 x 2.5 mm voxel-integrated, SNR 100",
+                                  vox=_ANISO, integrate=True),
+    "head-aniso-resampled": HeadBuild("QSM-CI-style head, 0.94 x 0.94 x 2.5 mm spline-resampled, "
+                                      "SNR 100", vox=_ANISO),
+    "head-tilt-noisy": HeadBuild("QSM-CI-style head, 1 mm, B0 tilted 20 deg, SNR 100",
+                                 b0=tilted(20.0), tag="tilt20"),
+    "head-texture-noisy": HeadBuild("head, 1 mm, smooth texture (SD 10 ppb) not in the magnitude, "
+                                    "SNR 100", texture=0.01),
+}
+
+
+def _head_case(name):
+    r = HEAD_BUILDS[name]
+    h = r.noise_free()
+    vox, b0 = r.vox, r.b0
     mask, chi, fld, mag = h["mask"], h["chi"], h["field"], h["mag"]
     rng = np.random.default_rng(16)
-    if texture > 0:
+    if r.texture > 0:
         from scipy import ndimage
 
         from qsmkit.dipole import forward_field
 
         sig = [2.0 / v for v in vox]
         tex = ndimage.gaussian_filter(rng.standard_normal(chi.shape), sig)
-        tex = texture * tex / tex[mask].std()
+        tex = r.texture * tex / tex[mask].std()
         tex = np.where(mask, tex - tex[mask].mean(), 0).astype(np.float32)
         chi = chi + tex
         fld = (fld + np.asarray(forward_field(tex, vox, b0, pad=[n // 4 for n in chi.shape]))) * mask
-    if noise:
+    if r.noise:
         fld = _noisy_field(fld, mask, mag, rng)
         mag = _noisy_magnitude(mag, mask, rng)
     return Case(name=name, field=fld.astype(np.float32), mask=mask, magnitude=mag.astype(np.float32),
                 voxel_size=tuple(vox), b0_dir=tuple(b0), truths={"truth": chi.astype(np.float32)},
                 labels=h["seg"], rois=dict(HEAD_DGM), reference=HEAD_CSF, seg=h["seg"],
-                shares_edges=texture == 0, noise_ppm=NOISE_PPM if noise else 0.0, note=note)
-
-
-def head_1mm():
-    return _head_case("head-1mm", noise=False, note="QSM-CI-style head, 1 mm, noise-free")
-
-
-def head_1mm_noisy():
-    return _head_case("head-1mm-noisy", note="QSM-CI-style head, 1 mm, SNR 100")
-
-
-def head_aniso_noisy():
-    return _head_case("head-aniso-noisy", vox=(0.9375, 0.9375, 2.5), integrate=True,
-                      note="QSM-CI-style head, 0.94 x 0.94 x 2.5 mm voxel-integrated, SNR 100")
-
-
-def head_aniso_resampled():
-    return _head_case("head-aniso-resampled", vox=(0.9375, 0.9375, 2.5),
-                      note="QSM-CI-style head, 0.94 x 0.94 x 2.5 mm spline-resampled, SNR 100")
-
-
-def head_tilt_noisy():
-    return _head_case("head-tilt-noisy", b0=tilted(20.0), tag="tilt20",
-                      note="QSM-CI-style head, 1 mm, B0 tilted 20 deg, SNR 100")
-
-
-def head_texture_noisy():
-    return _head_case("head-texture-noisy", texture=0.01,
-                      note="head, 1 mm, smooth texture (SD 10 ppb) not in the magnitude, SNR 100")
+                shares_edges=r.texture == 0, noise_ppm=NOISE_PPM if r.noise else 0.0, note=r.note)
 
 
 # ------------------------------------------------------------------------------ 2016 challenge
@@ -407,8 +410,6 @@ def phantom():
                 note="qsmkit phantom 256x256x64, noise 6.2e-4 ppm, noise-free magnitude")
 
 
-BUILDERS = {"head-1mm": head_1mm, "head-1mm-noisy": head_1mm_noisy, "head-aniso-noisy": head_aniso_noisy,
-            "head-aniso-resampled": head_aniso_resampled,
-            "head-tilt-noisy": head_tilt_noisy, "head-texture-noisy": head_texture_noisy,
+BUILDERS = {**{name: functools.partial(_head_case, name) for name in HEAD_BUILDS},
             "qsm2016": qsm2016, "fansi-axial": fansi_axial, "fansi-oblique": fansi_oblique,
             "phantom": phantom}

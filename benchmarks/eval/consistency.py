@@ -42,10 +42,8 @@ def dipole_of(chi, mask, voxel_size, b0_dir):
 
 
 def noise_free_field(case):
-    """The suite head case's field before noise (``cases._head``'s or ``_head_integrated``'s cache)."""
-    tag = "tilt20" if "tilt" in case.name else "z"
-    build = cases._head_integrated if case.name == "head-aniso-noisy" else cases._head
-    return (build(case.voxel_size, case.b0_dir, tag)["field"] * case.mask).astype(np.float32)
+    """The suite head case's field before noise (its ``cases.HEAD_BUILDS`` entry's cache)."""
+    return (cases.HEAD_BUILDS[case.name].noise_free()["field"] * case.mask).astype(np.float32)
 
 
 def main(argv=None):
