@@ -2,9 +2,8 @@
 built with (``benchmarks/subvoxel.py``), against scipy's own mode and a direct walk."""
 
 import numpy as np
-from scipy import stats
-
 from benchmarks import subvoxel
+from scipy import stats
 
 
 def test_block_mode_is_the_majority_label_of_each_block():

@@ -332,8 +332,11 @@ def edge_share_from_noise(magnitude, mask):
 
 
 def alpha_length(voxel_size, kind="geometric"):
-    """h of alpha's rule (mm): the geometric or the harmonic mean voxel size."""
+    """h of alpha's rule (mm): the geometric or the harmonic mean voxel size, or 1 mm
+    (``"unit"``)."""
     d = [float(v) for v in voxel_size]
+    if kind == "unit":
+        return 1.0
     if kind == "harmonic":
         return len(d) / sum(1.0 / v for v in d)
     return float(np.prod(d)) ** (1.0 / len(d))
@@ -589,7 +592,9 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
         ``noise_laplacian``: "physical" (sigma from the Laplacian per mm^2, ``noise_sd`` with the
         voxel size) or "voxel" (per voxel); the same for isotropic voxels.
         ``alpha_h``: h = the "geometric" or the "harmonic" mean voxel size (3 / sum_i 1/d_i: the
-        noise's expected TV per voxel is proportional to sum_i sigma / d_i).
+        noise's expected TV per voxel is proportional to sum_i sigma / d_i), or 1 mm ("unit"):
+        the gradients are per mm, so a region of radius R loses about 3 alpha / R of its contrast
+        to the penalty; with h = 1 mm that loss does not grow with the voxel size.
         ``"lcurve"``: chosen at the L-curve corner over ``lcurve_alphas`` (default 7 values,
         log-spaced 1e-4 ... 1e-2), ``lcurve_iter`` ADMM iterations per value (warm starts),
         then ``max_iter`` at the chosen value.
@@ -633,8 +638,8 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
             raise QSMInputError(f"tv: {name} must be a positive integer, got {val!r}")
     if noise_laplacian not in ("physical", "voxel"):
         raise QSMInputError(f"tv: noise_laplacian must be 'physical' or 'voxel', got {noise_laplacian!r}")
-    if alpha_h not in ("geometric", "harmonic"):
-        raise QSMInputError(f"tv: alpha_h must be 'geometric' or 'harmonic', got {alpha_h!r}")
+    if alpha_h not in ("geometric", "harmonic", "unit"):
+        raise QSMInputError(f"tv: alpha_h must be 'geometric', 'harmonic' or 'unit', got {alpha_h!r}")
     edge_rule = edge_fraction if isinstance(edge_fraction, str) else None
     magnitude_noise = None
     if edge_rule in ("voxel", "size"):

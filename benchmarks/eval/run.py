@@ -49,6 +49,10 @@ VARIANTS = {
     "tv-edge-size": ("tv", {"noise_laplacian": "voxel", "edge_fraction": "size"}),
     # the edge share from the magnitude's own noise (``inversion_baselines.edge_share_from_noise``)
     "tv-edge-noise": ("tv", {"noise_laplacian": "voxel", "edge_fraction": "noise"}),
+    # alpha = 0.5 sigma x 1 mm: the same contrast loss on a structure of a given size at any voxel
+    # size (``alpha_h="unit"``), with the physical Laplacian, and with the edge share by size too
+    "tv-unit-h": ("tv", {"noise_laplacian": "physical", "alpha_h": "unit", "edge_fraction": 0.3}),
+    "tv-unit-h-size": ("tv", {"noise_laplacian": "physical", "alpha_h": "unit", "edge_fraction": "size"}),
     "l2": ("l2", {}),
     # FOCUSS at a fixed edge trust t (``focuss.rule_parameters``), the sweep that chose SNR_HIGH
     **{f"focuss-t{t:g}": ("focuss", {"edge_trust": t}) for t in (0.0, 0.21, 0.45, 0.6, 0.8, 1.0)},
