@@ -139,6 +139,15 @@ def periodic_diff_adjoint(y, axis, out=None):
     return out
 
 
+def cpu_count() -> int:
+    """Cores this process may run on: its affinity mask where the system has one (a batch job's
+    share of a node), else every core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _fft_module(x):
     xp = get_array_module(x)
     return (xp.fft, {}) if xp is not np else (scipy.fft, {"workers": -1})

@@ -31,11 +31,12 @@ the splittings u = D chi and g = grad chi, as in the fast TV-QSM solvers (Bilgic
 2014; Milovic et al., FANSI, MRM 2018): the chi step is diagonal in k-space, the u step and the
 g step (isotropic shrinkage) are pointwise; 4 real FFTs per iteration (none in the first, whose
 chi is zero). On the CPU the work between the FFTs runs as one numba kernel, one pass over the
-arrays (``_admm_points_py``; about 60 whole-array operations before, which took more time than
-the FFTs); cupy runs the same arithmetic as array code (``_admm_step_xp``). It starts from PDF's local
-field, which removes the bulk of the background first, so the joint fit only has to move the
-harmonic parts between inside and outside sources (in the prototype, without the PDF start 200
-iterations reached 32 % instead of 17 % on the head model).
+arrays (``_admm_rows_py``, on blocks of rows in one thread per core; about 60 whole-array
+operations before, which took more time than the FFTs); cupy runs the same arithmetic as array
+code (``_admm_step_xp``). It starts from PDF's local field, which removes the bulk of the
+background first, so the joint fit only has to move the harmonic parts between inside and outside
+sources (in the prototype, without the PDF start 200 iterations reached 32 % instead of 17 % on
+the head model).
 
 Two settings are registered. ``tfi``: 200 iterations, rho = 0.01, on PDF's padded grid (the
 whole field of view). ``tfi-fast``: the same model, solved to about PDF's cost: 30 over-relaxed
@@ -167,9 +168,10 @@ def _magnitude(magnitude, f, m, xp):
 
 def _admm_voxel_py(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, thr, buf, r,
                    i, j, k, ip, jp, kp, carry, one, tiny):
-    """``_admm_points_py``'s work at voxel (i, j, k), whose forward neighbours are ip, jp, kp;
-    returns component 2 of g + nu, which grad^T adds at the next voxel along the last axis.
-    ``one`` and ``tiny`` (1e-24) in the arrays' type keep the arithmetic in it."""
+    """``_admm_rows_py``'s work at voxel (i, j, k), whose forward neighbours are ip, jp, kp.
+    Returns components 0 and 2 of g + nu, which grad^T adds at the next voxel along the first
+    axis (the caller: row ip may belong to another block) and the last (the next call's
+    ``carry``). ``one`` and ``tiny`` (1e-24) in the arrays' type keep the arithmetic in it."""
     dr = a_rel * dchi[i, j, k] + b_rel * u[i, j, k]
     un = (w2f[i, j, k] + rho * (dr - eta[i, j, k])) * u_den[i, j, k]
     en = eta[i, j, k] + un - dr
@@ -202,44 +204,96 @@ def _admm_voxel_py(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel,
     nu[2, i, j, k] = n2
     # grad^T (g + nu): minus the sum here, component a added at the next voxel along a
     r[i, j, k] += carry - ((h0 + n0) + (h1 + n1) + (h2 + n2))
-    r[ip, j, k] += h0 + n0
     r[i, jp, k] += h1 + n1
-    return h2 + n2
+    return h0 + n0, h2 + n2
 
 
-def _admm_points_py(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, thr, buf, r):
-    """One ADMM iteration's work between the FFTs, fused voxel by voxel: ``_admm_step_xp``'s
-    u, eta, g and nu steps and the next chi step's inputs (``buf`` = u + eta, ``r`` =
-    grad^T (g + nu)) in one pass over the arrays instead of about 60 whole-array operations.
-    Compiled with numba (``_admm_kernel``); the same arithmetic as ``_admm_step_xp``."""
+def _admm_rows_py(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, thr, buf, r,
+                  seam, i0, i1):
+    """One ADMM iteration's work between the FFTs on rows ``i0:i1`` of the first axis, fused
+    voxel by voxel: ``_admm_step_xp``'s u, eta, g and nu steps and the next chi step's inputs
+    (``buf`` = u + eta, ``r`` = grad^T (g + nu)) in one pass over the arrays instead of about 60
+    whole-array operations. The rows' own part of ``r`` is overwritten; what grad^T sends on to
+    row i1 (row 0 after the last) goes to ``seam`` (Y, Z) instead, for the caller to add once
+    every block is done, so that blocks of rows can run in parallel threads
+    (``_admm_fused``). Compiled with numba (``_admm_kernel``); the same arithmetic as
+    ``_admm_step_xp``."""
     nx, ny, nz = chi.shape
     one, tiny = chi.dtype.type(1), chi.dtype.type(1e-24)
-    r[...] = 0
-    for i in range(nx):
+    r[i0:i1] = 0
+    for i in range(i0, i1):
         ip = i + 1 if i + 1 < nx else 0
         for j in range(ny):
             jp = j + 1 if j + 1 < ny else 0
             carry = one - one
-            for k in range(nz - 1):
-                carry = _admm_voxel(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel,
-                                    thr, buf, r, i, j, k, ip, jp, k + 1, carry, one, tiny)
-            carry = _admm_voxel(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel,
-                                thr, buf, r, i, j, nz - 1, ip, jp, 0, carry, one, tiny)
+            for k in range(nz):
+                sx, carry = _admm_voxel(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel,
+                                        b_rel, thr, buf, r, i, j, k, ip, jp,
+                                        k + 1 if k + 1 < nz else 0, carry, one, tiny)
+                if i + 1 < i1:
+                    r[ip, j, k] += sx
+                else:
+                    seam[j, k] = sx
             r[i, j, 0] += carry
 
 
 _admm_voxel = _admm_voxel_py  # numba-compiled by ``_KERNELS`` before the kernel that calls it
-_KERNELS = backend.NumbaKernels(globals(), {"admm": _admm_points_py}, helpers=("_admm_voxel",))
+_KERNELS = backend.NumbaKernels(globals(), {"admm": _admm_rows_py}, helpers=("_admm_voxel",))
+
+#: blocks of rows that ``_admm_fused`` hands to threads: a fixed number, so that the result
+#: (where the blocks' seams are summed) does not depend on how many cores there are
+ADMM_ROW_BLOCKS = 8
+#: threads for those blocks; None: one per core (``backend.cpu_count``)
+ADMM_THREADS = None
 
 
 def _admm_kernel():
-    """numba-compiled ``_admm_points_py`` (cached on disk), or None without numba."""
+    """numba-compiled ``_admm_rows_py`` (cached on disk), or None without numba."""
     compiled = _KERNELS.get()
     return compiled["admm"] if compiled else None
 
 
+class _admm_fused:
+    """``_admm_step_xp``'s signature, run by the numba kernel on ``ADMM_ROW_BLOCKS`` blocks of
+    rows in a pool of ``ADMM_THREADS`` threads (the kernel releases the GIL): on 2 cores
+    ``tfi-fast`` takes 10-17 % less wall time (``benchmarks/background_time.py``)."""
+
+    def __init__(self, shape, dtype):
+        nx = shape[0]
+        edges = np.linspace(0, nx, min(ADMM_ROW_BLOCKS, nx) + 1).round().astype(int)
+        self.blocks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        self.seams = np.zeros((len(self.blocks),) + tuple(shape[1:]), dtype)
+        self.kernel = _admm_kernel()
+        self.pool = None
+        threads = min(ADMM_THREADS or backend.cpu_count(), len(self.blocks))
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(threads)
+
+    def __call__(self, chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, thr, buf,
+                 r):
+        args = (chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, thr, buf, r)
+
+        def run(n):
+            self.kernel(*args, self.seams[n], *self.blocks[n])
+
+        if self.pool is None:
+            for n in range(len(self.blocks)):
+                run(n)
+        else:
+            list(self.pool.map(run, range(len(self.blocks))))
+        nx = chi.shape[0]
+        for n, (_, i1) in enumerate(self.blocks):  # in a fixed order: the same sums every run
+            r[i1 % nx] += self.seams[n]
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def _admm_step_xp(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, thr, buf, r):
-    """``_admm_points_py``'s arithmetic as whole-array operations (cupy; numpy without numba),
+    """``_admm_rows_py``'s arithmetic as whole-array operations (cupy; numpy without numba),
     in place on the same buffers; ``r`` is overwritten with grad^T (g + nu)."""
     xp = backend.get_array_module(chi)
     F = chi.dtype.type
@@ -305,7 +359,7 @@ def _admm(f, m, w, edges, voxel_size, b0_dir, big, lam, rho, relax, n_iter, fuse
     pen = pen.astype(F)  # 1 where the TV prior applies, as a factor (cheaper than where)
     if fused is None:
         fused = xp is np and _admm_kernel() is not None
-    step = _admm_kernel() if fused else _admm_step_xp
+    step = _admm_fused(big, F) if fused else _admm_step_xp
     args = (F(rho), F(relax), F(1 - relax), F(lam / 2 / rho_g))
     u = xp.zeros(big, F)
     eta = xp.zeros(big, F)
@@ -314,19 +368,23 @@ def _admm(f, m, w, edges, voxel_size, b0_dir, big, lam, rho, relax, n_iter, fuse
     buf = xp.zeros(big, F)  # u + eta
     r = xp.zeros(big, F)  # grad^T (g + nu)
     chi = xp.zeros(big, F)
-    for it in range(int(n_iter)):
-        if it == 0:  # all variables start at zero, so does the first chi
-            dchi = xp.zeros(big, F)
-        else:
-            rk = backend.rfftn(buf)
-            rk *= data_k
-            rr = backend.rfftn(r)
-            rr *= tv_k
-            rk += rr
-            chi = backend.irfftn(rk, s=big)
-            rk *= d
-            dchi = backend.irfftn(rk, s=big)
-        step(chi, dchi, u, eta, g, nu, pen, w2f, u_den, *args, buf, r)
+    try:
+        for it in range(int(n_iter)):
+            if it == 0:  # all variables start at zero, so does the first chi
+                dchi = xp.zeros(big, F)
+            else:
+                rk = backend.rfftn(buf)
+                rk *= data_k
+                rr = backend.rfftn(r)
+                rr *= tv_k
+                rk += rr
+                chi = backend.irfftn(rk, s=big)
+                rk *= d
+                dchi = backend.irfftn(rk, s=big)
+            step(chi, dchi, u, eta, g, nu, pen, w2f, u_den, *args, buf, r)
+    finally:
+        if fused:
+            step.close()
     x = chi * mf
     x -= F(float(x[m_big].mean())) * mf
     return crop_to(backend.irfftn(backend.rfftn(x) * d, s=big) * mf, f.shape)
