@@ -62,6 +62,9 @@ def test_run_whole_pipeline(sim_multi, tmp_path):
     assert [s["stage"] for s in meta["stages"]] == ["mask", "field", "background", "inversion"]
     assert meta["parameters"]["inversion"] == "tv" and meta["device"].startswith("cpu")
     assert all(s["seconds"] >= 0 for s in meta["stages"])
+    unresolved = meta["stages"][1]["info"]["unresolved_field"]  # counted, not acted on by default
+    assert unresolved["zero_weight"] is False and unresolved["voxels"] >= 0
+    assert meta["parameters"]["zero_weight_unresolved"] is False
     truth_mask = load(sim_multi / "mask_true.nii.gz") > 0
     assert metrics.nrmse(load(out / "field_total.nii.gz"), load(sim_multi / "field_total_true.nii.gz"),
                          (load(out / "mask.nii.gz") > 0) & truth_mask) < 35

@@ -439,3 +439,74 @@ def test_fit_field_reports_t2star_combination(phantom, acq5):
     t2, _ = echoes.fit_t2star(acq5.magnitude, TE5, phantom.mask)
     expected = np.sum(echoes.t2star_weights(TE5, t2) * acq5.magnitude, axis=3)
     np.testing.assert_allclose(fit.magnitude_combined, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_unresolved_field_flags_aliased_steps_and_2pi_errors():
+    """``unresolved_field``: a field whose step to a neighbour exceeds half a cycle over the
+    spatial unwrapping time is not known there. A ramp just under the limit flags nothing; one
+    just over it flags every voxel; a 2 pi error planted in one voxel (a step of 1 / T) flags it
+    and its six neighbours' pairs with it, and nothing outside the mask counts. The fit records
+    that time: the echo time for one echo, TE2 - TE1 for the echo-difference phase."""
+    t = 0.02
+    x = np.arange(12, dtype=float)[:, None, None] * np.ones((12, 10, 8))
+    mask = np.ones(x.shape, bool)
+    assert not echoes.unresolved_field(24.9 * x, mask, t).any()  # 24.9 Hz per voxel < 25
+    assert echoes.unresolved_field(25.1 * x, mask, t).all()
+    f = np.zeros(x.shape)
+    f[5, 5, 4] = 1 / t  # one voxel unwrapped a cycle off
+    got = echoes.unresolved_field(f, mask, t)
+    want = np.zeros(x.shape, bool)
+    want[5, 5, 4] = True
+    for ax in range(3):
+        for s in (-1, 1):
+            idx = [5, 5, 4]
+            idx[ax] += s
+            want[tuple(idx)] = True
+    np.testing.assert_array_equal(got, want)
+    outside = mask.copy()
+    outside[5, 5, 4] = False  # the wrong voxel outside the mask: no pair inside
+    assert not echoes.unresolved_field(f, outside, t).any()
+    ph = make_phantom(shape=(48, 48, 16), voxel_size=(2.0, 2.0, 4.0))
+    acq = simulate_acquisition(ph, te=(0.004, 0.008, 0.012), b0=3.0, snr=100, seed=1)
+    unwrap = UNWRAPPING.get("laplacian").func
+    multi = echoes.fit_field(acq.magnitude, acq.phase, (0.004, 0.008, 0.012), 3.0, unwrap, ph.mask)
+    one = echoes.fit_field(acq.magnitude[..., :1], acq.phase[..., :1], (0.004,), 3.0, unwrap, ph.mask)
+    assert multi.info["spatial_unwrap_te"] == pytest.approx(0.004)  # TE2 - TE1
+    assert one.info["spatial_unwrap_te"] == pytest.approx(0.004)
+
+
+def test_unknown_field_gets_zero_weight_in_both_stages():
+    """The pipeline's use of ``unresolved_field``: zero noise weight for background removal, and
+    for an inversion that weights by the magnitude the same weights it would use, zero there
+    (uniform ones for a method without magnitude weighting; nothing for one without noise
+    weights, or when the caller gave its own)."""
+    from types import SimpleNamespace
+
+    from qsmkit import pipeline
+
+    mask = np.ones((6, 6, 6), bool)
+    f = np.zeros(mask.shape, np.float32)
+    f[2, 2, 2] = 50.0  # Hz: a cycle at TE 20 ms
+    fit = SimpleNamespace(field_hz=f, weights=np.full(mask.shape, 2.0, np.float32),
+                          info={"spatial_unwrap_te": 0.02})
+    weights, unknown = pipeline.known_field_weights(fit, mask)
+    assert unknown.sum() == 7 and (weights[unknown] == 0).all() and (weights[~unknown] == 2).all()
+    mag = np.full(mask.shape, 3.0, np.float32)
+
+    def by_magnitude(field, mask, voxel_size, b0_dir, magnitude=None, magnitude_weights=True,
+                     noise_weights=None):
+        pass
+
+    def uniform(field, mask, voxel_size, b0_dir, magnitude=None, noise_weights=None):
+        pass
+
+    def unweighted(field, mask, voxel_size, b0_dir, magnitude=None):
+        pass
+
+    w = pipeline.inversion_noise_weights(by_magnitude, {}, mag, unknown)["noise_weights"]
+    assert (w[unknown] == 0).all() and (w[~unknown] == 3).all()
+    w = pipeline.inversion_noise_weights(by_magnitude, {"magnitude_weights": False}, mag, unknown)
+    assert (w["noise_weights"][~unknown] == 1).all()
+    assert (pipeline.inversion_noise_weights(uniform, {}, mag, unknown)["noise_weights"][~unknown] == 1).all()
+    assert pipeline.inversion_noise_weights(unweighted, {}, mag, unknown) == {}
+    assert pipeline.inversion_noise_weights(by_magnitude, {"noise_weights": 1}, mag, unknown) == {}

@@ -3,7 +3,7 @@ simulations of the head model (``benchmarks/e2e_cases.py``), with QSM.rs side by
 truth-substitution rows that show where accuracy is lost. ``make eval-e2e`` runs it:
 
     python -m benchmarks.e2e [--cases 3T-1mm-z ...] [--tfi-on CASE ...] [--peer-pdf-on CASE ...] [--quick]
-                             [--inversion-param KEY=VALUE ...]
+                             [--inversion-param KEY=VALUE ...] [--zero-weight-unresolved]
 
 (the ``tfi`` rows and QSM.rs' PDF are opt-in per case: each takes many minutes on 2 cores)
 
@@ -58,6 +58,8 @@ PEER_INV = ("tv", "rts")
 #: parameters of the default inversion in every qsmkit row (``--inversion-param``), as
 #: ``qsmkit run --inversion-param`` passes them: to measure a variant end to end
 INVERSION_PARAMS: dict = {}
+#: ``qsmkit run --zero-weight-unresolved`` in every qsmkit row (``--zero-weight-unresolved``)
+ZERO_WEIGHT_UNRESOLVED = False
 
 
 class ScoreCase:
@@ -128,11 +130,14 @@ def field_stage(c):
     return fit_field(c.magnitude, c.phase, c.te, c.b0, unwrap3, c.mask), mag3
 
 
-def run_stages(c, field_total, weights, mag3, background=None, local=None, local_mask=None):
-    """Default (or named) background removal and the default inversion, as the pipeline calls them."""
+def run_stages(c, field_total, weights, mag3, background=None, local=None, local_mask=None,
+               unknown=None):
+    """Default (or named) background removal and the default inversion, as the pipeline calls
+    them; ``unknown``: the voxels whose field the pipeline does not know (``weights`` already
+    zero there), which get zero data weight in the inversion too."""
     from qsmkit.background import BACKGROUND
     from qsmkit.inversion import INVERSION
-    from qsmkit.pipeline import accepts
+    from qsmkit.pipeline import accepts, inversion_noise_weights
 
     t0 = time.perf_counter()
     if local is None:
@@ -141,8 +146,11 @@ def run_stages(c, field_total, weights, mag3, background=None, local=None, local
         if accepts(bg.func, "magnitude"):
             kw["magnitude"] = mag3
         local, local_mask, _ = bg.func(field_total, c.mask, c.voxel_size, c.b0_dir, **kw)
-    chi, _ = INVERSION.get("auto").func(local, local_mask, c.voxel_size, c.b0_dir, magnitude=mag3,
-                                        **INVERSION_PARAMS)
+    inv = INVERSION.get("auto").func
+    params = dict(INVERSION_PARAMS)
+    if unknown is not None and unknown.any():
+        params.update(inversion_noise_weights(inv, params, mag3, unknown))
+    chi, _ = inv(local, local_mask, c.voxel_size, c.b0_dir, magnitude=mag3, **params)
     return np.asarray(chi), np.asarray(local), time.perf_counter() - t0
 
 
@@ -198,6 +206,7 @@ def evaluate(c, with_tfi=True, peer_pdf=True, log=print, quick=False):
     the truth-substitution rows only."""
     from qsmkit import metrics
     from qsmkit.background import BACKGROUND
+    from qsmkit.pipeline import known_field_weights
 
     sc = ScoreCase(c)
     auto_csf_region, csf_info = auto_csf(c)
@@ -223,12 +232,18 @@ def evaluate(c, with_tfi=True, peer_pdf=True, log=print, quick=False):
     # magnitude, default inversion with the magnitude), so its field can be checked too
     t0 = time.perf_counter()
     fit, mag3 = field_stage(c)
+    weights, unknown = known_field_weights(fit, c.mask)
+    n_unresolved = int(unknown.sum())
+    if not ZERO_WEIGHT_UNRESOLVED:
+        weights, unknown = fit.weights, None
     t_field = time.perf_counter() - t0
-    chi, local_default, s = run_stages(c, fit.field_ppm, fit.weights, mag3, background=default_bg)
+    chi, local_default, s = run_stages(c, fit.field_ppm, weights, mag3, background=default_bg,
+                                       unknown=unknown)
     add(f"qsmkit default (bg={default_bg})", chi, t_field + s, local_default)
     stage_s = {"field": round(t_field, 1), "background + inversion": round(s, 1)}
     field_checks = {"field_nrmse": metrics.nrmse(fit.field_ppm, c.field_total, c.mask),
                     "unwrap_exact": unwrap_exact(fit.unwrapped_phase, c),
+                    "unresolved_voxels": n_unresolved,
                     **background_split(c, default_bg, mag3)}
     log(f"  {c.name} | field NRMSE {field_checks['field_nrmse']:.2f} %, unwrapped exact "
         f"{100 * field_checks['unwrap_exact']:.3f} %; {default_bg} on the true local field alone "
@@ -237,7 +252,7 @@ def evaluate(c, with_tfi=True, peer_pdf=True, log=print, quick=False):
     others = [m for m in ("pdf", "tfi-fast", "tfi") if m != default_bg and (with_tfi or m != "tfi")
               and not quick]
     for m in others:
-        chi, loc, s = run_stages(c, fit.field_ppm, fit.weights, mag3, background=m)
+        chi, loc, s = run_stages(c, fit.field_ppm, weights, mag3, background=m, unknown=unknown)
         add(f"qsmkit bg={m}", chi, s + t_field, loc)
     chi, loc, s = run_stages(c, c.field_total, fit.weights, mag3, background=default_bg)
     add("truth: field", chi, s, loc, kind="truth")
@@ -346,7 +361,11 @@ def main(argv=None):
     p.add_argument("--inversion-param", nargs="+", default=[], metavar="KEY=VALUE",
                    help="parameters of the default inversion in every qsmkit row (values read "
                         "as JSON, else as text), e.g. noise_laplacian=physical")
+    p.add_argument("--zero-weight-unresolved", action="store_true",
+                   help="as qsmkit run --zero-weight-unresolved in every qsmkit row")
     a = p.parse_args(argv)
+    global ZERO_WEIGHT_UNRESOLVED
+    ZERO_WEIGHT_UNRESOLVED = a.zero_weight_unresolved
     for kv in a.inversion_param:
         key, sep, val = kv.partition("=")
         if not sep or not key:
@@ -372,9 +391,9 @@ def main(argv=None):
         del c
         if a.part:  # after every case, so a long run keeps what it has
             OUT.mkdir(parents=True, exist_ok=True)
-            (OUT / f"{a.part}.json").write_text(json.dumps({"rows": rows, "checks": checks,
-                                                            "inversion_params": INVERSION_PARAMS},
-                                                           indent=1))
+            (OUT / f"{a.part}.json").write_text(json.dumps({
+                "rows": rows, "checks": checks, "inversion_params": INVERSION_PARAMS,
+                "zero_weight_unresolved": ZERO_WEIGHT_UNRESOLVED}, indent=1))
     if a.part:
         return
     report(rows, checks, a.no_figure)
@@ -388,7 +407,7 @@ def report(rows, checks, no_figure=False):
     (OUT / "results.json").write_text(json.dumps({
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}", "inversion_params": INVERSION_PARAMS,
-        "rows": rows, "checks": checks}, indent=1))
+        "zero_weight_unresolved": ZERO_WEIGHT_UNRESOLVED, "rows": rows, "checks": checks}, indent=1))
     if not no_figure:
         figure(rows, FIGURE)
         print(f"figure: {FIGURE.relative_to(ROOT)}")

@@ -233,7 +233,8 @@ def _config(args):
         field_params=parse_params(args.field_param),
         background_params=parse_params(args.background_param),
         inversion_params=parse_params(args.inversion_param),
-        steep_field_fence=getattr(args, "steep_field", 0.0) or 0.0)
+        steep_field_fence=getattr(args, "steep_field", 0.0) or 0.0,
+        zero_weight_unresolved=bool(getattr(args, "zero_weight_unresolved", False)))
 
 
 def cmd_run(args):
@@ -1198,6 +1199,10 @@ def _add_methods(p):
                    help="multi-echo field fit, repeatable: method=linear|nonlinear|difference "
                         "(default linear), offset=fit|none (default fit), "
                         "magnitude_combination=rms|t2star|te (default rms)")
+    p.add_argument("--zero-weight-unresolved", action="store_true",
+                   help="zero data weight in background removal and inversion where the field "
+                        "steps by more than half a cycle to a neighbour (aliased phase or a 2 pi "
+                        "unwrapping step; the count is in the sidecar either way)")
     _add_list_params(p)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__, backend
 from . import fsl as _fsl  # noqa: F401  (registers FSL's bet and prelude)
 from .background import BACKGROUND
-from .echoes import combine_magnitude, fit_field
+from .echoes import combine_magnitude, fit_field, unresolved_field
 from .errors import QSMInputError
 from .inversion import INVERSION
 from .masking import MASKING, exclude_steep_field
@@ -62,6 +62,9 @@ class PipelineConfig:
     #: > 0: drop the mask's steepest-field voxels before background removal (Tukey fence of
     #: the field gradient, ``masking.exclude_steep_field``); 0 off
     steep_field_fence: float = 0.0
+    #: zero data weight in background removal and inversion on the voxels whose field steps by
+    #: more than half a cycle to a neighbour (``known_field_weights``); off by default
+    zero_weight_unresolved: bool = False
     #: the region whose mean chi is zero (``qsmkit.reference``): ``auto`` (CSF found in the
     #: data, else the whole mask), ``mask``, ``none``, or ``region`` (given to ``run_pipeline``)
     reference: str = "auto"
@@ -85,6 +88,7 @@ class PipelineConfig:
                                          "the field fit"),
             **checked,
             steep_field_fence=float(self.steep_field_fence),
+            zero_weight_unresolved=bool(self.zero_weight_unresolved),
             reference=_check_reference(self.reference),
         )
 
@@ -213,18 +217,23 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
     fit = timer.run("field", cfg.unwrapping, lambda: fit_field(magnitude, phase, te, b0, unwrap3,
                                                                mask, **cfg.field_params))
     field_total = fit.field_ppm
-    timer.records[-1]["info"] = fit.info
+    weights, unknown = known_field_weights(fit, mask)
+    timer.records[-1]["info"] = {**fit.info, "unresolved_field": {
+        "voxels": int(unknown.sum()), "rule": "field step to a neighbour > 1 / (2 spatial_unwrap_te)",
+        "zero_weight": cfg.zero_weight_unresolved}}
+    if not cfg.zero_weight_unresolved:
+        weights, unknown = fit.weights, np.zeros_like(unknown)
     bg_mask = mask
     if cfg.steep_field_fence > 0:
         bg_mask, steep = exclude_steep_field(mask, field_total, voxel_size, fence=cfg.steep_field_fence)
-        timer.records[-1]["info"] = {**fit.info, "steep_field": steep}
+        timer.records[-1]["info"]["steep_field"] = steep
 
     f_dev = backend.to_device(field_total, cfg.device, backend.FLOAT)
     m_dev = backend.to_device(bg_mask, cfg.device)
     mag_dev = backend.to_device(mag3, cfg.device, backend.FLOAT)
     # PDF weights each voxel by 1 / (noise SD of the field) (Liu et al. 2011), which the
     # field fit derives from the magnitude of every echo, unless the caller gives weights.
-    bg_params = {"weights": backend.to_device(fit.weights, cfg.device, backend.FLOAT),
+    bg_params = {"weights": backend.to_device(weights, cfg.device, backend.FLOAT),
                  **cfg.background_params}
     if accepts(BACKGROUND.get(cfg.background).func, "magnitude"):  # tfi: its edge prior
         bg_params.setdefault("magnitude", mag_dev)
@@ -233,9 +242,13 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
         voxel_size, b0_dir, **bg_params)
     timer.records[-1]["info"] = bg_info
 
+    inv_func = INVERSION.get(cfg.inversion).func
+    inv_params = dict(cfg.inversion_params)
+    if unknown.any():
+        inv_params.update(inversion_noise_weights(inv_func, inv_params, mag3, unknown, cfg.device))
     chi, inv_info = timer.run(
-        "inversion", cfg.inversion, INVERSION.get(cfg.inversion).func, local, local_mask,
-        voxel_size, b0_dir, magnitude=mag_dev, **cfg.inversion_params)
+        "inversion", cfg.inversion, inv_func, local, local_mask, voxel_size, b0_dir,
+        magnitude=mag_dev, **inv_params)
     timer.records[-1]["info"] = inv_info
     local_mask = backend.to_numpy(local_mask).astype(bool)
     chi = backend.to_numpy(chi)
@@ -245,6 +258,27 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
         mask=mask, field_total=field_total, field_local=backend.to_numpy(local),
         local_mask=local_mask, chi=chi, config=cfg, stages=timer.records,
         reference_region=region, reference=ref_info)
+
+
+def known_field_weights(fit, mask):
+    """The field fit's noise weights with zero where its field is not known, and that region:
+    voxels whose field steps by more than half a cycle to a neighbour (``unresolved_field``:
+    aliased, or a 2 pi step of the unwrapper). They stay in the mask; with zero data weight in
+    background removal and inversion, chi there comes from the prior. On ``make demo`` this
+    lowers chi NRMSE from 50.0 to 43.9 % (README, "Accuracy and speed today")."""
+    unknown = unresolved_field(fit.field_hz, mask, fit.info["spatial_unwrap_te"])
+    return np.where(unknown, 0, fit.weights).astype(np.float32), unknown
+
+
+def inversion_noise_weights(func, params, magnitude, unknown, device="cpu") -> dict:
+    """``noise_weights`` for an inversion that takes them: the weights it would use by itself
+    (the magnitude where it weights by the magnitude, else uniform), zero where the field is
+    ``unknown``. Nothing where the method takes no noise weights or the caller gave its own."""
+    if not accepts(func, "noise_weights") or "noise_weights" in params:
+        return {}
+    by_magnitude = accepts(func, "magnitude_weights") and params.get("magnitude_weights", True)
+    w = np.where(unknown, 0, magnitude if by_magnitude else 1).astype(np.float32)
+    return {"noise_weights": backend.to_device(w, device, backend.FLOAT)}
 
 
 def apply_reference(chi, mask, voxel_size, how="auto", magnitude=None, te=None, region=None):
