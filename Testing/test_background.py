@@ -324,13 +324,13 @@ def test_tfi_fused_admm_matches_the_array_code(dtype):
     rng.bit_generator.state = state
     out = arrays()
     tfi._admm_step_xp(*ref)
-    step = tfi._admm_fused(shape, dtype)
+    step = tfi._FusedAdmmStep(shape, dtype)
     step(*out)
     step.close()
     assert len(step.blocks) == shape[0]
     rng.bit_generator.state = state
     again = arrays()
-    serial = tfi._admm_fused(shape, dtype)
+    serial = tfi._FusedAdmmStep(shape, dtype)
     serial.close()
     serial.pool = None  # the same blocks one after another: the same sums, bit for bit
     serial(*again)

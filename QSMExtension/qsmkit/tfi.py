@@ -216,7 +216,7 @@ def _admm_rows_py(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, 
     whole-array operations. The rows' own part of ``r`` is overwritten; what grad^T sends on to
     row i1 (row 0 after the last) goes to ``seam`` (Y, Z) instead, for the caller to add once
     every block is done, so that blocks of rows can run in parallel threads
-    (``_admm_fused``). Compiled with numba (``_admm_kernel``); the same arithmetic as
+    (``_FusedAdmmStep``). Compiled with numba (``_admm_kernel``); the same arithmetic as
     ``_admm_step_xp``."""
     nx, ny, nz = chi.shape
     one, tiny = chi.dtype.type(1), chi.dtype.type(1e-24)
@@ -240,7 +240,7 @@ def _admm_rows_py(chi, dchi, u, eta, g, nu, pen, w2f, u_den, rho, a_rel, b_rel, 
 _admm_voxel = _admm_voxel_py  # numba-compiled by ``_KERNELS`` before the kernel that calls it
 _KERNELS = backend.NumbaKernels(globals(), {"admm": _admm_rows_py}, helpers=("_admm_voxel",))
 
-#: blocks of rows that ``_admm_fused`` hands to threads: a fixed number, so that the result
+#: blocks of rows that ``_FusedAdmmStep`` hands to threads: a fixed number, so that the result
 #: (where the blocks' seams are summed) does not depend on how many cores there are
 ADMM_ROW_BLOCKS = 8
 #: threads for those blocks; None: one per core (``backend.cpu_count``)
@@ -253,10 +253,10 @@ def _admm_kernel():
     return compiled["admm"] if compiled else None
 
 
-class _admm_fused:
+class _FusedAdmmStep:
     """``_admm_step_xp``'s signature, run by the numba kernel on ``ADMM_ROW_BLOCKS`` blocks of
     rows in a pool of ``ADMM_THREADS`` threads (the kernel releases the GIL): on 2 cores
-    ``tfi-fast`` takes 10-17 % less wall time (``benchmarks/background_time.py``)."""
+    ``tfi-fast`` takes 5-28 % less wall time (``benchmarks/background_time.py``)."""
 
     def __init__(self, shape, dtype):
         nx = shape[0]
@@ -359,7 +359,7 @@ def _admm(f, m, w, edges, voxel_size, b0_dir, big, lam, rho, relax, n_iter, fuse
     pen = pen.astype(F)  # 1 where the TV prior applies, as a factor (cheaper than where)
     if fused is None:
         fused = xp is np and _admm_kernel() is not None
-    step = _admm_fused(big, F) if fused else _admm_step_xp
+    step = _FusedAdmmStep(big, F) if fused else _admm_step_xp
     args = (F(rho), F(relax), F(1 - relax), F(lam / 2 / rho_g))
     u = xp.zeros(big, F)
     eta = xp.zeros(big, F)
