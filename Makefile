@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench eval-inversion eval-e2e eval-e2e-heldout docs lint clean
+.PHONY: demo test bench eval-inversion eval-e2e eval-e2e-heldout eval-demo-peers docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ eval-e2e: $(VENV)/.bench
 eval-e2e-heldout: $(VENV)/.bench
 	$(PY) -m benchmarks.e2e --cases 3T-1.5mm-tilt-snr50-3echo 3T-2mm-z 3T-1mm-z-1echo \
 		7T-1.2x1.2x2mm-tilt-snr40-3echo 3T-1mm-tilt --part heldout
+
+# make demo's phantom with QSM.rs pipelines side by side (benchmarks/demo_peers.py; about 16 min)
+eval-demo-peers: $(VENV)/.bench
+	$(PY) -m benchmarks.demo_peers
 
 # the API reference (Sphinx, from the numpy-style docstrings) in docs/_build/html
 docs: $(VENV)/.installed
