@@ -2,8 +2,8 @@
 same inputs, so that the demo's accuracy (issue 17: chi NRMSE <= 25 %, every deep-gray nucleus
 within 5 ppb) can be read against the state of the art, not only against its bar.
 
-The phantom, acquisition and pipeline are those of ``qsmkit demo`` (256 x 256 x 64, 0.9375 x
-0.9375 x 2.5 mm, 3 T, one echo at 20 ms, SNR 100, seed 0). Rows:
+The phantom, acquisition and pipeline are those of ``qsmkit demo`` (``qsmkit.demo.simulate``:
+256 x 256 x 64, 0.9375 x 0.9375 x 2.5 mm, 3 T, one echo at 20 ms, SNR 100, seed 0). Rows:
 
 - ``qsmkit default``: ``run_pipeline`` with the defaults, as the demo runs it;
 - ``QSM.rs <bfr> + <inv>``: our total field in our mask (QSM.rs' command line has no
@@ -40,21 +40,12 @@ PEER_BFR = ("vsharp", "pdf")
 PEER_INV = ("tv", "rts")
 
 
-def simulate():
-    """The demo's phantom and acquisition (``qsmkit.demo.run_demo``'s defaults)."""
-    from qsmkit.simulate import make_phantom, simulate_acquisition
-
-    ph = make_phantom(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), seed=0)
-    acq = simulate_acquisition(ph, te=(0.020,), b0=3.0, snr=100.0, phase_offset=False, seed=0)
-    return ph, acq
-
-
-def pipelines(ph, acq, log=print):
+def pipelines(ph, acq, te, b0, log=print):
     """(name, chi, valid mask, seconds) per row."""
     from qsmkit.pipeline import PipelineConfig, run_pipeline
 
     t0 = time.perf_counter()
-    res = run_pipeline(acq.magnitude, acq.phase, (0.020,), 3.0, ph.voxel_size, ph.b0_dir,
+    res = run_pipeline(acq.magnitude, acq.phase, te, b0, ph.voxel_size, ph.b0_dir,
                        config=PipelineConfig().resolved())
     rows = [("qsmkit default", np.asarray(res.chi), np.asarray(res.local_mask, bool),
              time.perf_counter() - t0)]
@@ -127,8 +118,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "bench-output" / "demo-peers"))
     a = p.parse_args(argv)
-    ph, acq = simulate()
-    results, common_share = score(ph, pipelines(ph, acq))
+    from qsmkit.demo import simulate
+
+    te, b0 = (0.020,), 3.0  # the demo's defaults (``qsmkit.demo.run_demo``)
+    ph, acq = simulate(te=te, b0=b0)
+    results, common_share = score(ph, pipelines(ph, acq, te, b0))
     text = table(results, common_share)
     print(text)
     out = Path(a.out)

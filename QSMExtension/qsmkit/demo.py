@@ -123,18 +123,26 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def simulate(shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), seed=0, snr=100.0,
+             te=(0.020,), b0=3.0):
+    """The demo's phantom and acquisition, (phantom, acquisition): also what
+    ``benchmarks/demo_peers.py`` hands to the peer."""
+    from .simulate import make_phantom, simulate_acquisition
+
+    ph = make_phantom(shape=shape, voxel_size=voxel_size, seed=seed)
+    # The original experiment: single echo, no receiver phase offset (it cannot be separated
+    # from the field with one echo). Multi-echo demos keep the offset; the echo difference removes it.
+    return ph, simulate_acquisition(ph, te=te, b0=b0, snr=snr, phase_offset=len(te) > 1, seed=seed)
+
+
 def run_demo(out, shape=(256, 256, 64), voxel_size=(0.9375, 0.9375, 2.5), seed=0, snr=100.0,
              te=(0.020,), b0=3.0, config: PipelineConfig | None = None, quiet=False):
     """Simulate, reconstruct, measure; returns the metric rows."""
     from . import io
-    from .simulate import make_phantom, simulate_acquisition
 
     t_start = time.perf_counter()
     cfg = (config or PipelineConfig()).resolved()
-    ph = make_phantom(shape=shape, voxel_size=voxel_size, seed=seed)
-    # The original experiment: single echo, no receiver phase offset (it cannot be separated
-    # from the field with one echo). Multi-echo demos keep the offset; the echo difference removes it.
-    acq = simulate_acquisition(ph, te=te, b0=b0, snr=snr, phase_offset=len(te) > 1, seed=seed)
+    ph, acq = simulate(shape, voxel_size, seed, snr, te, b0)
     t_sim = time.perf_counter() - t_start
     inputs = os.path.join(out, "inputs")
     write_simulation(inputs, ph, acq, {"shape": list(shape), "voxel_size": list(voxel_size),

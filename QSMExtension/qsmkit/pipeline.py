@@ -221,8 +221,9 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
     timer.records[-1]["info"] = {**fit.info, "unresolved_field": {
         "voxels": int(unknown.sum()), "rule": "field step to a neighbour > 1 / (2 spatial_unwrap_te)",
         "zero_weight": cfg.zero_weight_unresolved}}
+    zero_unknown = cfg.zero_weight_unresolved and bool(unknown.any())
     if not cfg.zero_weight_unresolved:
-        weights, unknown = fit.weights, np.zeros_like(unknown)
+        weights = fit.weights
     bg_mask = mask
     if cfg.steep_field_fence > 0:
         bg_mask, steep = exclude_steep_field(mask, field_total, voxel_size, fence=cfg.steep_field_fence)
@@ -244,7 +245,7 @@ def _run_pipeline(magnitude, phase, te, b0, voxel_size, b0_dir, mask, cfg: Pipel
 
     inv_func = INVERSION.get(cfg.inversion).func
     inv_params = dict(cfg.inversion_params)
-    if unknown.any():
+    if zero_unknown:
         inv_params.update(inversion_noise_weights(inv_func, inv_params, mag3, unknown, cfg.device))
     chi, inv_info = timer.run(
         "inversion", cfg.inversion, inv_func, local, local_mask, voxel_size, b0_dir,
