@@ -92,7 +92,7 @@ def test_tv_admm_reaches_the_minimum_of_its_objective():
 
     d = dipole_kernel(shape, vox, b0, real=False, dtype=np.float64)
     w2 = (mag / mag.mean()).astype(np.float64) ** 2
-    mg = ib.edge_mask(mag, mask, vox)
+    mg = ib.edge_mask(mag, mask, vox, ib.edge_share(vox))  # tv's default share at these voxels
     eps = 1e-7
 
     def conv(x):
@@ -444,17 +444,18 @@ def test_edge_share_by_size_follows_the_voxel_edge():
 
 @pytest.mark.parametrize("vox", [(1.0, 1.0, 1.0), (1.3, 1.3, 1.3), (0.9375, 0.9375, 2.5)])
 def test_thick_slice_rule_is_the_identity_at_isotropic_voxels(vox):
-    """``tv``'s thick-slice options (``noise_laplacian="physical"``, ``edge_fraction="voxel"``,
-    the suite's ``tv-aniso``) give the default's chi to float32 rounding for isotropic voxels of
-    any size, and differ at thick slices (sigma and the edge share both change)."""
+    """``tv``'s thick-slice rules, its defaults since session 13 (``noise_laplacian="physical"``,
+    ``edge_fraction="voxel"``), give the former default's chi (``"voxel"``, 0.3) to float32
+    rounding for isotropic voxels of any size, and differ at thick slices (sigma and the edge
+    share both change)."""
     rng = np.random.default_rng(7)
     m = np.zeros((24, 24, 16), bool)
     m[4:-4, 4:-4, 3:-3] = True
     fld = (1e-3 * rng.standard_normal(m.shape) * m).astype(np.float32)
     mag = (1 + 0.5 * (np.indices(m.shape)[0] > 12) + 0.01 * rng.standard_normal(m.shape)).astype(np.float32)
-    old, info_old = ib.tv(fld, m, vox, (0, 0, 1), mag, max_iter=3)
-    new, info = ib.tv(fld, m, vox, (0, 0, 1), mag, max_iter=3, noise_laplacian="physical",
-                      edge_fraction="voxel")
+    old, info_old = ib.tv(fld, m, vox, (0, 0, 1), mag, max_iter=3, noise_laplacian="voxel",
+                          edge_fraction=0.3)
+    new, info = ib.tv(fld, m, vox, (0, 0, 1), mag, max_iter=3)
     assert info_old["noise_laplacian"] == "voxel" and info_old["edge_fraction"] == pytest.approx(0.3)
     assert info["noise_laplacian"] == "physical"
     assert info["edge_fraction"] == pytest.approx(ib.edge_share(vox))

@@ -570,9 +570,9 @@ def _menger_corner(res, reg):
 
 @INVERSION.register("tv", "TV with MEDI edge mask by ADMM, linear data term (FANSI, Milovic 2018)")
 def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor=15.0, mu2=0.125,
-       max_iter=60, tol=5e-3, balance=True, edge_fraction=0.3, edge_weight=0.0, magnitude_weights=True,
-       noise_weights=None, lcurve_alphas=None, lcurve_iter=30, pad_mm=10.0, noise_laplacian="voxel",
-       alpha_h="geometric"):
+       max_iter=60, tol=5e-3, balance=True, edge_fraction="voxel", edge_weight=0.0,
+       magnitude_weights=True, noise_weights=None, lcurve_alphas=None, lcurve_iter=30, pad_mm=10.0,
+       noise_laplacian="physical", alpha_h="geometric"):
     """TV-regularised dipole inversion with a magnitude edge mask, by ADMM (module docstring, eq. 1).
 
     Parameters
@@ -589,8 +589,10 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
         challenge, our phantom; kappa 0.5 / 1 / 2 / 4 gave head 27.4 / 29.5 / 33.8 / 39.2 % and
         2016 88.1 / 83.6 / 81.5 / 82.0 % vs chi_33 with deep-gray ROI slopes 0.94 / 0.88 / 0.78 /
         0.65: the smallest kappa keeps the deep-gray contrast).
-        ``noise_laplacian``: "physical" (sigma from the Laplacian per mm^2, ``noise_sd`` with the
-        voxel size) or "voxel" (per voxel); the same for isotropic voxels.
+        ``noise_laplacian``: "physical" (default: sigma from the Laplacian per mm^2, ``noise_sd``
+        with the voxel size, which vanishes on harmonic fields at any voxel size) or "voxel"
+        (per voxel, which counts the field's curvature across thick slices as noise); the same
+        for isotropic voxels.
         ``alpha_h``: h = the "geometric" or the "harmonic" mean voxel size (3 / sum_i 1/d_i: the
         noise's expected TV per voxel is proportional to sum_i sigma / d_i), or 1 mm ("unit"):
         the gradients are per mm, so a region of radius R loses about 3 alpha / R of its contrast
@@ -604,8 +606,9 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     balance : residual balancing of mu1 and mu2 (default True; False keeps them fixed).
     max_iter, tol : stop after ``max_iter`` iterations or when the four normalised primal and
         dual residuals are all below ``tol``.
-    edge_fraction, edge_weight : MEDI edge mask (``edge_mask``); ``edge_fraction="voxel"``: the
-        share scaled with the voxels' anisotropy, ``"size"``: with the mean voxel edge against
+    edge_fraction, edge_weight : MEDI edge mask (``edge_mask``); ``edge_fraction="voxel"``
+        (default): MEDI's 30 % scaled with the voxels' anisotropy (mean / min edge; 0.3 for
+        isotropic voxels of any size), a number: that share, ``"size"``: with the mean voxel edge against
         1 mm (``edge_share``; README, "Held-out geometries"); ``"noise"``: the share of mask
         voxels whose magnitude gradient stands out of its noise (``edge_share_from_noise``).
     noise_weights : optional explicit W (overrides the magnitude).

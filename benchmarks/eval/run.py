@@ -37,9 +37,10 @@ VARIANTS = {
     "tv-edge-0.15": ("tv", {"edge_fraction": 0.15}),
     "tv-iter100": ("tv", {"max_iter": 100}),
     "tv-nobalance": ("tv", {"balance": False}),
-    # the thick-slice rule (README "Thick slices", not the default): alpha's noise SD from the
-    # physical Laplacian (per mm^2) and the edge share scaled with the mean voxel edge
-    # (``edge_share``), both (``tv-aniso``) and each alone (the other one as in the default)
+    # the thick-slice rule (README "Thick slices"; tv's default since session 13): alpha's noise
+    # SD from the physical Laplacian (per mm^2) and the edge share scaled with the voxels'
+    # anisotropy (``edge_share``), both (``tv-aniso``) and each alone; ``tv-voxlap`` is the
+    # former default (voxel Laplacian, 30 % edges)
     "tv-aniso": ("tv", {"noise_laplacian": "physical", "edge_fraction": "voxel"}),
     "tv-physlap": ("tv", {"noise_laplacian": "physical", "alpha_h": "geometric", "edge_fraction": 0.3}),
     "tv-physlap-harm": ("tv", {"noise_laplacian": "physical", "alpha_h": "harmonic", "edge_fraction": 0.3}),
