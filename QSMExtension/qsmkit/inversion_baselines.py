@@ -568,6 +568,78 @@ def _menger_corner(res, reg):
     return best, curv
 
 
+def _tv_check(alpha, mu1_factor, mu2, tol, max_iter, lcurve_iter, noise_laplacian, alpha_h,
+              edge_weight):
+    """``tv``'s scalar parameters checked; returns (L-curve wanted, noise rule wanted)."""
+    auto = isinstance(alpha, str) and alpha.lower() == "lcurve"
+    rule = isinstance(alpha, str) and alpha.lower() == "auto"
+    if isinstance(alpha, str) and not (auto or rule):
+        raise QSMInputError(f"tv: alpha must be a positive number, 'auto' or 'lcurve', got {alpha!r}")
+    if not isinstance(alpha, str) and not (_real(alpha) and alpha > 0):
+        raise QSMInputError(f"tv: alpha must be a positive number, 'auto' or 'lcurve', got {alpha!r}")
+    for name, val in (("mu1_factor", mu1_factor), ("mu2", mu2), ("tol", tol)):
+        if not (_real(val) and val > 0):
+            raise QSMInputError(f"tv: {name} must be > 0, got {val!r}")
+    for name, val in (("max_iter", max_iter), ("lcurve_iter", lcurve_iter)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+            raise QSMInputError(f"tv: {name} must be a positive integer, got {val!r}")
+    if noise_laplacian not in ("physical", "voxel"):
+        raise QSMInputError(f"tv: noise_laplacian must be 'physical' or 'voxel', got {noise_laplacian!r}")
+    if alpha_h not in ("geometric", "harmonic", "unit"):
+        raise QSMInputError(f"tv: alpha_h must be 'geometric', 'harmonic' or 'unit', got {alpha_h!r}")
+    if not (_real(edge_weight) and 0 <= edge_weight <= 1):
+        raise QSMInputError(f"tv: edge_weight must be in [0, 1], got {edge_weight!r}")
+    return auto, rule
+
+
+def _tv_edge_share(edge_fraction, vox, mag, m):
+    """The edge mask's share: a number as given, or by its rule (``edge_share``,
+    ``edge_share_from_noise``). Returns (share, rule or None, the magnitude's noise SD or None)."""
+    rule = edge_fraction if isinstance(edge_fraction, str) else None
+    magnitude_noise = None
+    if rule in ("voxel", "size"):
+        edge_fraction = edge_share(vox, rule)
+    elif rule == "noise":
+        edge_fraction, magnitude_noise = (edge_share_from_noise(mag, m) if mag is not None
+                                          else (0.0, None))
+    if not (_real(edge_fraction) and 0 <= edge_fraction < 1):
+        raise QSMInputError(f"tv: edge_fraction must be in [0, 1), 'voxel', 'size' or 'noise', "
+                            f"got {edge_fraction!r}")
+    return edge_fraction, rule, magnitude_noise
+
+
+def _tv_alpha_rule(delta, m, vox, noise_laplacian, alpha_h):
+    """alpha = ALPHA_KAPPA sigma h (``tv``'s ``alpha="auto"``); returns (alpha, sigma)."""
+    xp = get_array_module(delta)
+    sigma = noise_sd(delta, m, voxel_size=vox if noise_laplacian == "physical" else None)
+    if not (math.isfinite(sigma) and sigma > 0):
+        sigma = 1e-3 * float(xp.std(delta[m]))
+    return ALPHA_KAPPA * sigma * alpha_length(vox, alpha_h), sigma
+
+
+def _tv_lcurve(delta, w2, mg, D, e2, vox, xp, lcurve_alphas, lcurve_iter, mu1_factor, mu2, balance):
+    """alpha at the L-curve's corner (``tv``'s ``alpha="lcurve"``): ``lcurve_iter`` ADMM
+    iterations per value, strong to weak with warm starts. Returns (alpha, the curve)."""
+    grid_a = (np.logspace(-4, -2, 7) if lcurve_alphas is None
+              else np.asarray(lcurve_alphas, dtype=float))
+    if grid_a.ndim != 1 or grid_a.size < 3 or not np.all(grid_a > 0):
+        raise QSMInputError("tv: lcurve_alphas must be at least 3 positive values")
+    grid_a = np.sort(grid_a)[::-1]  # strong to weak: warm starts move from smooth to detailed
+    res, reg = [], []
+    state = _TVState(xp, delta.shape, delta, float(mu1_factor) * grid_a[0], float(mu2))
+    for a in grid_a:
+        # a fixed number of iterations per point (no tolerance), so the points are comparable
+        state.rescale(float(mu1_factor) * a, float(mu2))
+        _tv_admm(state, delta, w2, mg, D, e2, vox, float(a), 0.0, int(lcurve_iter), xp,
+                 balance=bool(balance))
+        r, g = _tv_terms(state, delta, w2, mg, D, vox, xp)
+        res.append(r)
+        reg.append(g)
+    k, curv = _menger_corner(res, reg)
+    return float(grid_a[k]), {"alphas": [float(a) for a in grid_a], "residual": res, "tv": reg,
+                              "curvature": curv}
+
+
 @INVERSION.register("tv", "TV with MEDI edge mask by ADMM, linear data term (FANSI, Milovic 2018)")
 def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor=15.0, mu2=0.125,
        max_iter=60, tol=5e-3, balance=True, edge_fraction="voxel", edge_weight=0.0,
@@ -627,34 +699,9 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
                                               noise_weights, method="tv",
                                               nonnegative_magnitude=True)
     b0 = tuple(b0)
-    auto = isinstance(alpha, str) and alpha.lower() == "lcurve"
-    rule = isinstance(alpha, str) and alpha.lower() == "auto"
-    if isinstance(alpha, str) and not (auto or rule):
-        raise QSMInputError(f"tv: alpha must be a positive number, 'auto' or 'lcurve', got {alpha!r}")
-    if not isinstance(alpha, str) and not (_real(alpha) and alpha > 0):
-        raise QSMInputError(f"tv: alpha must be a positive number, 'auto' or 'lcurve', got {alpha!r}")
-    for name, val in (("mu1_factor", mu1_factor), ("mu2", mu2), ("tol", tol)):
-        if not (_real(val) and val > 0):
-            raise QSMInputError(f"tv: {name} must be > 0, got {val!r}")
-    for name, val in (("max_iter", max_iter), ("lcurve_iter", lcurve_iter)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise QSMInputError(f"tv: {name} must be a positive integer, got {val!r}")
-    if noise_laplacian not in ("physical", "voxel"):
-        raise QSMInputError(f"tv: noise_laplacian must be 'physical' or 'voxel', got {noise_laplacian!r}")
-    if alpha_h not in ("geometric", "harmonic", "unit"):
-        raise QSMInputError(f"tv: alpha_h must be 'geometric', 'harmonic' or 'unit', got {alpha_h!r}")
-    edge_rule = edge_fraction if isinstance(edge_fraction, str) else None
-    magnitude_noise = None
-    if edge_rule in ("voxel", "size"):
-        edge_fraction = edge_share(vox, edge_rule)
-    elif edge_rule == "noise":
-        edge_fraction, magnitude_noise = (edge_share_from_noise(mag, m) if mag is not None
-                                          else (0.0, None))
-    if not (_real(edge_fraction) and 0 <= edge_fraction < 1):
-        raise QSMInputError(f"tv: edge_fraction must be in [0, 1), 'voxel', 'size' or 'noise', "
-                            f"got {edge_fraction!r}")
-    if not (_real(edge_weight) and 0 <= edge_weight <= 1):
-        raise QSMInputError(f"tv: edge_weight must be in [0, 1], got {edge_weight!r}")
+    auto, rule = _tv_check(alpha, mu1_factor, mu2, tol, max_iter, lcurve_iter, noise_laplacian,
+                           alpha_h, edge_weight)
+    edge_fraction, edge_rule, magnitude_noise = _tv_edge_share(edge_fraction, vox, mag, m)
 
     grid = MaskGrid(m, _pad_voxels(pad_mm, vox, "tv"), xp)
     shape = grid.shape
@@ -671,30 +718,10 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     curve = None
     sigma = None
     if rule:
-        sigma = noise_sd(delta, grid.put(m, dtype=bool),
-                         voxel_size=vox if noise_laplacian == "physical" else None)
-        if not (math.isfinite(sigma) and sigma > 0):
-            sigma = 1e-3 * float(xp.std(delta[grid.put(m, dtype=bool)]))
-        alpha = ALPHA_KAPPA * sigma * alpha_length(vox, alpha_h)
+        alpha, sigma = _tv_alpha_rule(delta, grid.put(m, dtype=bool), vox, noise_laplacian, alpha_h)
     if auto:
-        grid_a = (np.logspace(-4, -2, 7) if lcurve_alphas is None
-                  else np.asarray(lcurve_alphas, dtype=float))
-        if grid_a.ndim != 1 or grid_a.size < 3 or not np.all(grid_a > 0):
-            raise QSMInputError("tv: lcurve_alphas must be at least 3 positive values")
-        grid_a = np.sort(grid_a)[::-1]  # strong to weak: warm starts move from smooth to detailed
-        res, reg = [], []
-        state = _TVState(xp, shape, delta, float(mu1_factor) * grid_a[0], float(mu2))
-        for a in grid_a:
-            # a fixed number of iterations per point (no tolerance), so the points are comparable
-            state.rescale(float(mu1_factor) * a, float(mu2))
-            _tv_admm(state, delta, w2, mg, D, e2, vox, float(a), 0.0, int(lcurve_iter), xp,
-                     balance=bool(balance))
-            r, g = _tv_terms(state, delta, w2, mg, D, vox, xp)
-            res.append(r)
-            reg.append(g)
-        k, curv = _menger_corner(res, reg)
-        alpha = float(grid_a[k])
-        curve = {"alphas": [float(a) for a in grid_a], "residual": res, "tv": reg, "curvature": curv}
+        alpha, curve = _tv_lcurve(delta, w2, mg, D, e2, vox, xp, lcurve_alphas, lcurve_iter,
+                                  mu1_factor, mu2, balance)
     alpha = float(alpha)
     state = _TVState(xp, shape, delta, float(mu1_factor) * alpha, float(mu2))
     it, stop, res, changes = _tv_admm(state, delta, w2, mg, D, e2, vox, alpha, float(tol), int(max_iter),
