@@ -709,8 +709,9 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     w2 = grid.put(w_full)
     w2 *= w2
     delta = grid.put(f * m)
+    m_grid = grid.put(m, dtype=bool)
     if mag is not None and edge_fraction > 0:
-        mg = edge_mask(grid.put(mag), grid.put(m, dtype=bool), vox, edge_fraction, edge_weight)
+        mg = edge_mask(grid.put(mag), m_grid, vox, edge_fraction, edge_weight)
     else:
         mg = [xp.ones(shape, backend.FLOAT) for _ in range(3)]
     D = dipole_kernel(shape, vox, b0, xp=xp, dtype=backend.FLOAT)
@@ -718,7 +719,7 @@ def tv(field, mask, voxel_size, b0_dir, magnitude=None, alpha="auto", mu1_factor
     curve = None
     sigma = None
     if rule:
-        alpha, sigma = _tv_alpha_rule(delta, grid.put(m, dtype=bool), vox, noise_laplacian, alpha_h)
+        alpha, sigma = _tv_alpha_rule(delta, m_grid, vox, noise_laplacian, alpha_h)
     if auto:
         alpha, curve = _tv_lcurve(delta, w2, mg, D, e2, vox, xp, lcurve_alphas, lcurve_iter,
                                   mu1_factor, mu2, balance)
